@@ -1,0 +1,300 @@
+"""Images in, tensors out: robust image loading, the evaluation transform, and datasets of image files.
+
+Every loader here survives the real world: a truncated, empty or non-image file becomes an
+``ImageLoadError`` naming the file (datasets turn it into a ``FailedSample`` that ``collate`` drops
+and reports), and decompression bombs are refused before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .errors import MixNetError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Lower-case suffixes of the formats we load; matched case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Pillow's own guard (about 89 Mpixel, a 9459 x 9459 image): larger images are refused, not decoded.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+# Transparent pixels are shown on white, as an image viewer on a white page would.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# 16- and 32-bit integer grey images are taken to span the 16-bit range (16-bit PNG and TIFF).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageLoadError(MixNetError):
+    """An image file that cannot be used: missing, empty, truncated, not an image, or too large."""
+
+    def __init__(self, path: PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: alpha over white, 16-bit grey scaled down, CMYK converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE_GREY_MODES:
+        # Pillow's own conversion clips at 255 (16-bit photos turn white); scale the range instead.
+        grey = np.asarray(img).astype(np.float32) / 257.0
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied (first frame of an animation).
+
+    Raises ``ImageLoadError`` naming the file and the problem for a missing, empty, truncated or
+    non-image file, and for images over ``max_pixels`` (decompression bombs), which are refused
+    from the header alone.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ImageLoadError(path, "is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "empty file")
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; we refuse instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageLoadError(path, f"refused: {width}x{height} = {width * height:,} pixels is over "
+                                               f"the limit of {max_pixels:,} (possible decompression bomb)")
+                img.load()  # decodes now, so truncation and corrupt data surface here
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"refused: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image, or a format that cannot be read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
+        # Pillow's decoders report corrupt data with any of these.
+        raise ImageLoadError(path, f"cannot decode image ({e})") from None
+
+
+def is_image_file(path: PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_files(paths: Union[PathLike, Iterable[PathLike]], recursive: bool = True) -> List[Path]:
+    """Expand files and directories into a list of image files, in the order given.
+
+    A directory contributes its image files (by extension, case-insensitive; hidden entries skipped)
+    sorted by path, descending into subdirectories when ``recursive``. A file named explicitly is
+    kept whatever its extension, so that a bad file the user asked for is reported, not ignored.
+    A path that does not exist raises ``MixNetError``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = []
+            walker = os.walk(p, followlinks=True) if recursive else [(str(p), [], os.listdir(p))]
+            for dirpath, dirnames, filenames in walker:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [Path(dirpath, f) for f in filenames
+                          if not f.startswith(".") and is_image_file(f) and os.path.isfile(os.path.join(dirpath, f))]
+            files += sorted(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise MixNetError(f"{p}: no such file or directory")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation transform
+
+
+def _input_config(cfg: Any) -> Mapping[str, Any]:
+    """A pretrained_cfg dict from a model, a ``PretrainedCfg`` dataclass or a mapping."""
+    if hasattr(cfg, "pretrained_cfg"):
+        cfg = cfg.pretrained_cfg
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"expected a model, a PretrainedCfg or a dict, got {type(cfg).__name__}")
+    return cfg
+
+
+def eval_resize_size(image_size: int, crop_pct: float) -> int:
+    """Shorter side before the center crop: ``floor(224 / 0.875) = 256``."""
+    return int(math.floor(image_size / crop_pct))
+
+
+def build_eval_transform(cfg: Any, *, input_size: Optional[Sequence[int]] = None, crop_pct: Optional[float] = None,
+                         interpolation: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+                         std: Optional[Sequence[float]] = None) -> Callable[[Image.Image], torch.Tensor]:
+    """The reference evaluation transform for an RGB PIL image, from a model's ``pretrained_cfg``.
+
+    Resize the shorter side to ``floor(size / crop_pct)`` (bicubic by default), center-crop ``size``,
+    scale to [0, 1] and normalize with the config's mean and std. ``cfg`` may be a model, a
+    ``PretrainedCfg`` or a dict; keyword arguments override single fields.
+    """
+    cfg = _input_config(cfg)
+    _, height, width = input_size or cfg["input_size"]
+    if height != width:
+        raise MixNetError(f"non-square input size {height}x{width} is not supported by the evaluation transform")
+    crop_pct = crop_pct or cfg.get("crop_pct", 0.875)
+    interpolation = interpolation or cfg.get("interpolation", "bicubic")
+    try:
+        mode = InterpolationMode(interpolation)
+    except ValueError:
+        raise MixNetError(f"unknown interpolation {interpolation!r}; use one of "
+                          f"{', '.join(m.value for m in InterpolationMode)}") from None
+    return transforms.Compose([
+        transforms.Resize(eval_resize_size(height, crop_pct), interpolation=mode),
+        transforms.CenterCrop(height),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=torch.tensor(mean or cfg["mean"]), std=torch.tensor(std or cfg["std"])),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets that report bad files instead of crashing
+
+
+class FailedSample(NamedTuple):
+    """Returned by a dataset in place of a sample whose file could not be loaded."""
+
+    path: str
+    problem: str
+
+
+class Batch(NamedTuple):
+    """What ``collate`` returns: the good samples stacked, and the failed ones by path."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    failures: List[FailedSample]
+
+
+def collate(samples: Sequence[Any]) -> Batch:
+    """Stack ``(image, target)`` samples, dropping ``FailedSample`` entries into ``Batch.failures``.
+
+    When every sample failed, ``images`` and ``targets`` are empty tensors.
+    """
+    failures = [s for s in samples if isinstance(s, FailedSample)]
+    good = [s for s in samples if not isinstance(s, FailedSample)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), failures)
+    images, targets = default_collate(good)
+    return Batch(images, targets, failures)
+
+
+def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Callable]) -> Any:
+    """The transformed image, or a ``FailedSample`` when the file cannot be loaded."""
+    if isinstance(source, Image.Image):
+        img = to_rgb(source)
+    else:
+        try:
+            img = load_image(source)
+        except ImageLoadError as e:
+            return FailedSample(e.path, e.problem)
+    return transform(img) if transform is not None else img
+
+
+def folder_classes(root: PathLike) -> List[str]:
+    """The class folder names of an ImageFolder-layout directory, sorted (hidden folders skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MixNetError(f"{root}: no such directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise MixNetError(f"{root}: no class folders found (expected {root}/<class>/<image files>)")
+    return classes
+
+
+class LabelledImageFolder(datasets.DatasetFolder):
+    """An ImageFolder-layout directory (``root/<class>/.../<image>``) whose bad files don't crash.
+
+    ``class_to_idx`` maps folder names to target indices (e.g. onto a model's classes); by default
+    the sorted folder names get indices 0, 1, ... Folders missing from ``class_to_idx`` are skipped.
+    ``dataset[i]`` is ``(transform(image), target)``, or a ``FailedSample`` when the file cannot be
+    loaded; use ``collate`` as the DataLoader's ``collate_fn`` to drop and report those.
+    """
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None,
+                 class_to_idx: Optional[Mapping[str, int]] = None):
+        self._given_class_to_idx = dict(class_to_idx) if class_to_idx is not None else None
+        super().__init__(str(root), loader=load_image, extensions=IMAGE_EXTENSIONS, transform=transform,
+                         allow_empty=True)
+
+    def find_classes(self, directory: PathLike) -> Tuple[List[str], dict]:
+        classes = folder_classes(directory)
+        if self._given_class_to_idx is None:
+            return classes, {c: i for i, c in enumerate(classes)}
+        mapping = {c: i for c, i in self._given_class_to_idx.items() if c in classes}
+        return [c for c in classes if c in mapping], mapping
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        # torchvision skips hidden files only by extension; skip dot-files (e.g. macOS "._x.jpg") too.
+        samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        return [(p, t) for p, t in samples if not os.path.basename(p).startswith(".")]
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        sample = _load_or_fail(path, self.transform)
+        if isinstance(sample, FailedSample):
+            return sample
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+class ImageList(Dataset):
+    """Image files (or in-memory PIL images) as a dataset: ``dataset[i] = (transform(image), i)``.
+
+    A file that cannot be loaded gives a ``FailedSample``; pair with ``collate``.
+    """
+
+    def __init__(self, sources: Sequence[Union[PathLike, Image.Image]], transform: Optional[Callable] = None):
+        self.sources = list(sources)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> Any:
+        sample = _load_or_fail(self.sources[index], self.transform)
+        return sample if isinstance(sample, FailedSample) else (sample, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training transforms (owned by the training module's author) go below.
