@@ -7,33 +7,114 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
 from . import __version__
 from .errors import MixNetError
-from .model import create_model, list_models
+from .model import list_models
 from .configs import MODELS
 
 
-def count_parameters(name: str) -> int:
-    import torch
-
-    with torch.device("meta"):  # no memory, no init cost: only shapes are needed
-        model = create_model(name)
-    return sum(p.numel() for p in model.parameters())
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = [dict(name=name, params=count_parameters(name), description=MODELS[name].description)
+    from .info import format_count, model_stats
+    from .weights import list_pretrained
+
+    stats = model_stats()
+    rows = [dict(name=name, params=stats[name]["params"], macs=stats[name]["macs"],
+                 pretrained=list_pretrained(name), description=MODELS[name].description)
             for name in list_models()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<14}{'params':>13}  description")
+    print(f"{'model':<13}{'params':>7}{'MACs':>8}  {'pretrained':<22}description")
     for r in rows:
-        print(f"{r['name']:<14}{r['params']:>13,}  {r['description']}")
+        tags = ", ".join(t.split(".", 1)[1] for t in r["pretrained"]) or "-"
+        print(f"{r['name']:<13}{format_count(r['params']):>7}{format_count(r['macs']):>8}  {tags:<22}"
+              f"{r['description']}")
     return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_card, model_card
+
+    cards = [model_card(name) for name in args.names]
+    if args.json:
+        print(json.dumps(cards if len(cards) > 1 else cards[0], indent=2))
+    else:
+        print("\n\n".join(format_card(c) for c in cards))
+    return 0
+
+
+def inference_model(args: argparse.Namespace):
+    """``(model, forward)`` for predict / validate: the model gives the preprocessing and the classes,
+    ``forward`` (any callable from an NCHW tensor to logits) runs the network."""
+    from .predict import resolve_model
+
+    model = resolve_model(args.model, args.weights)
+    return model, model
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="architecture or weights tag (default: the built-in "
+                                                   "mixnet_s.imagenette)")
+    p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights file, hub folder, run directory or tag")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="image loading processes (default: %(default)s)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import list_image_files
+    from .predict import iter_predictions
+
+    files = list_image_files(args.paths)  # a missing path is a usage error, before the model loads
+    if not files:
+        raise MixNetError(f"no image files in {', '.join(args.paths)}")
+    model, forward = inference_model(args)
+    failed = []
+    for p in iter_predictions(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                              forward=forward, progress=len(files) > args.batch_size):
+        if not p.ok:
+            failed.append(p)
+        if args.json:
+            print(json.dumps(p.to_dict()), flush=True)
+        elif p.ok:
+            print(p.source)
+            for s in p.top:
+                print(f"  {100 * s.probability:6.2f}%  {s.name} ({s.index})")
+    for p in failed:
+        print(f"mixnet predict: failed: {p.source}: {p.error}", file=sys.stderr)
+    if failed:
+        print(f"mixnet predict: {len(failed)} of {len(files)} images could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .evaluate import validate
+    from .fileio import atomic_write
+
+    model, forward = inference_model(args)
+    result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
+                      progress=True)
+    report = result.to_dict()
+    if args.out:
+        with atomic_write(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(result.summary())
+    for f in result.failures:
+        print(f"mixnet validate: failed: {f['path']}: {f['problem']}", file=sys.stderr)
+    return 1 if result.failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the model architectures")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="model card: parameters, MACs, preprocessing, pretrained weights")
+    p.add_argument("names", nargs="+", metavar="NAME", help="architecture (or weights tag)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="classify images: top-k classes with probabilities")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories (searched recursively)")
+    add_model_arguments(p)
+    p.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("validate", help="score a model on a labelled folder (ImageFolder layout)")
+    p.add_argument("folder", metavar="DIR", help="DIR/<class>/<images>; class folders named by the model's "
+                                                 "classes or by ImageNet wnids")
+    add_model_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="print the full results as JSON")
+    p.add_argument("--out", metavar="FILE", help="write the full results (per-class accuracy, confusion "
+                                                 "matrix, failures) as JSON")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

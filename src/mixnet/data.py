@@ -195,6 +195,7 @@ class FailedSample(NamedTuple):
 
     path: str
     problem: str
+    index: int = -1  # position in the dataset
 
 
 class Batch(NamedTuple):
@@ -218,7 +219,7 @@ def collate(samples: Sequence[Any]) -> Batch:
     return Batch(images, targets, failures)
 
 
-def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Callable]) -> Any:
+def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Callable], index: int) -> Any:
     """The transformed image, or a ``FailedSample`` when the file cannot be loaded."""
     if isinstance(source, Image.Image):
         img = to_rgb(source)
@@ -226,7 +227,7 @@ def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Call
         try:
             img = load_image(source)
         except ImageLoadError as e:
-            return FailedSample(e.path, e.problem)
+            return FailedSample(e.path, e.problem, index)
     return transform(img) if transform is not None else img
 
 
@@ -270,7 +271,7 @@ class LabelledImageFolder(datasets.DatasetFolder):
 
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]
-        sample = _load_or_fail(path, self.transform)
+        sample = _load_or_fail(path, self.transform, index)
         if isinstance(sample, FailedSample):
             return sample
         if self.target_transform is not None:
@@ -292,9 +293,57 @@ class ImageList(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> Any:
-        sample = _load_or_fail(self.sources[index], self.transform)
+        sample = _load_or_fail(self.sources[index], self.transform, index)
         return sample if isinstance(sample, FailedSample) else (sample, index)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training transforms (owned by the training module's author) go below.
+
+
+class RandAugmentMstd(transforms.RandAugment):
+    """RandAugment whose magnitude (0..10, as in "rand-m9-mstd0.5") is drawn per image from
+    ``normal(magnitude, magnitude_std)`` clipped to [0, 10]; ``magnitude_std=0`` is plain RandAugment."""
+
+    _BINS = 101  # magnitudes on a 0..10 scale in steps of 0.1
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.0,
+                 interpolation: InterpolationMode = InterpolationMode.BILINEAR, fill=None):
+        if not 0.0 <= magnitude <= 10.0:
+            raise ValueError(f"RandAugment magnitude must be in [0, 10], got {magnitude}")
+        super().__init__(num_ops=num_ops, magnitude=round(magnitude * 10), num_magnitude_bins=self._BINS,
+                         interpolation=interpolation, fill=fill)
+        self.mean_magnitude = magnitude
+        self.magnitude_std = magnitude_std
+
+    def forward(self, img):
+        if self.magnitude_std > 0:
+            m = float(torch.empty(()).normal_(self.mean_magnitude, self.magnitude_std).clamp_(0.0, 10.0))
+            self.magnitude = round(m * 10)
+        return super().forward(img)
+
+
+def build_train_transform(size: int, *, scale: Sequence[float] = (0.08, 1.0),
+                          ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                          randaugment_ops: int = 0, randaugment_magnitude: float = 9.0,
+                          randaugment_std: float = 0.0, random_erasing: float = 0.0,
+                          interpolation: str = "bicubic", mean: Sequence[float] = (0.485, 0.456, 0.406),
+                          std: Sequence[float] = (0.229, 0.224, 0.225)) -> Callable[[Image.Image], torch.Tensor]:
+    """The training transform: random-resized-crop to ``size``, horizontal flip, optional RandAugment
+    (``randaugment_ops`` > 0), normalisation, optional random erasing with per-pixel normal noise.
+
+    All randomness comes from torch's global generator, so a seeded generator reproduces the sample.
+    """
+    mode = InterpolationMode(interpolation)
+    steps: List[Callable] = [transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                                          interpolation=mode)]
+    if hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(hflip))
+    if randaugment_ops > 0:
+        steps.append(RandAugmentMstd(randaugment_ops, randaugment_magnitude, randaugment_std,
+                                     interpolation=InterpolationMode.BILINEAR,
+                                     fill=[round(255 * m) for m in mean]))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
+    if random_erasing > 0:
+        steps.append(transforms.RandomErasing(p=random_erasing, value="random"))
+    return transforms.Compose(steps)

@@ -1,0 +1,134 @@
+"""mixnet.predict and `mixnet predict`, with a model whose answers are known (see colour_model.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from colour_model import COLOURS, make_colour_model, write_colour_image
+from mixnet import save_pretrained
+from mixnet.cli import main
+from mixnet.errors import MixNetError
+from mixnet.predict import class_names, predict
+
+
+@pytest.fixture(scope="module")
+def colour_model():
+    return make_colour_model()
+
+
+@pytest.fixture(scope="module")
+def weights_dir(colour_model, tmp_path_factory):
+    return save_pretrained(colour_model, tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    """red, green, blue images in several formats and sizes, one nested, plus a corrupt file."""
+    folder = tmp_path / "images"
+    write_colour_image(folder / "a_red.png", "red", (120, 90))
+    write_colour_image(folder / "b_green.jpg", "green", (50, 70))
+    write_colour_image(folder / "nested" / "c_blue.webp", "blue", (64, 64))
+    (folder / "b_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return folder
+
+
+def test_predict_folder_top_classes_and_failures(colour_model, images):
+    results = predict(colour_model, images, topk=2, batch_size=2)
+    by_name = {r.source.rsplit("/", 1)[-1]: r for r in results}
+    assert [r.source.rsplit("/", 1)[-1] for r in results] == ["a_red.png", "b_corrupt.jpg", "b_green.jpg",
+                                                               "c_blue.webp"]
+    for name, colour in [("a_red.png", "red"), ("b_green.jpg", "green"), ("c_blue.webp", "blue")]:
+        r = by_name[name]
+        assert r.ok and len(r.top) == 2
+        assert r.top[0].name == colour and r.top[0].index == list(COLOURS).index(colour)
+        assert r.top[0].probability > 0.99 and r.top[0].probability >= r.top[1].probability
+    bad = by_name["b_corrupt.jpg"]
+    assert not bad.ok and bad.top == [] and "b_corrupt.jpg" in bad.source
+
+
+def test_predict_accepts_pil_images_and_single_path(colour_model, images):
+    pil = Image.open(images / "a_red.png").convert("L").convert("RGB")  # grey: still a valid input
+    single = predict(colour_model, images / "b_green.jpg", topk=10)
+    assert len(single) == 1 and single[0].top[0].name == "green"
+    assert len(single[0].top) == 3  # topk is capped at the number of classes
+    in_memory = predict(colour_model, [Image.open(images / "nested" / "c_blue.webp"), pil])
+    assert in_memory[0].top[0].name == "blue" and in_memory[0].source == "<image 0>"
+    assert in_memory[1].ok
+
+
+def test_predict_forward_can_be_swapped(colour_model, images):
+    calls = []
+
+    def always_blue(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return torch.tensor([[0.0, 0.0, 5.0]]).expand(x.shape[0], 3)
+
+    results = predict(colour_model, images, forward=always_blue, batch_size=8)
+    assert all(r.top[0].name == "blue" for r in results if r.ok)
+    assert calls == [(3, 3, 64, 64)]  # the model's preprocessing, three readable images
+
+
+def test_predict_restores_training_mode(colour_model, images):
+    colour_model.train()
+    try:
+        assert predict(colour_model, images / "a_red.png")[0].top[0].name == "red"
+        assert colour_model.training
+    finally:
+        colour_model.eval()
+
+
+def test_class_names_fallbacks():
+    from mixnet import create_model
+    from mixnet.imagenet import imagenet_class_names
+
+    with torch.device("meta"):
+        imagenet = create_model("mixnet_s")
+        small = create_model("mixnet_s", num_classes=4)
+    assert class_names(imagenet) == imagenet_class_names()
+    assert class_names(small) == ["class_0", "class_1", "class_2", "class_3"]
+
+
+def test_predict_errors(colour_model, tmp_path):
+    with pytest.raises(MixNetError, match="no such file"):
+        predict(colour_model, tmp_path / "missing")
+    with pytest.raises(MixNetError, match="no images"):
+        predict(colour_model, tmp_path)
+    with pytest.raises(MixNetError, match="topk"):
+        predict(colour_model, tmp_path, topk=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_predict_json_and_exit_codes(weights_dir, images, capsys):
+    rc = main(["predict", str(images), "--weights", str(weights_dir), "--topk", "1", "--json", "--workers", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # the corrupt file
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 4
+    answers = {d["image"].rsplit("/", 1)[-1]: d for d in lines}
+    assert answers["a_red.png"]["top"][0]["name"] == "red"
+    assert answers["b_green.jpg"]["top"][0]["name"] == "green"
+    assert answers["c_blue.webp"]["top"][0]["name"] == "blue"
+    assert "error" in answers["b_corrupt.jpg"] and "b_corrupt.jpg" in err
+
+    (images / "b_corrupt.jpg").unlink()
+    rc = main(["predict", str(images / "a_red.png"), str(images / "nested"), "--weights", str(weights_dir),
+               "--workers", "0"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    assert "a_red.png" in out and "red (0)" in out and "blue (2)" in out
+
+
+def test_cli_predict_usage_errors(weights_dir, images, capsys):
+    assert main(["predict", str(images / "missing.jpg"), "--weights", str(weights_dir)]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
+    assert main(["predict", str(images), "--weights", str(images / "nope")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(images), "--topk", "0"])
+    assert exit_info.value.code == 2
