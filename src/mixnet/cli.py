@@ -98,9 +98,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .data import folder_classes
     from .evaluate import validate
     from .fileio import atomic_write
 
+    folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
     model, forward = inference_model(args)
     result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
                       progress=True)
