@@ -119,6 +119,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipes import TrainConfig, overrides_from_args
+    from .training import resume, train
+
+    overrides = overrides_from_args(args)
+    if args.resume:
+        if args.recipe:
+            raise MixNetError("--recipe cannot change a run being resumed; give single settings instead")
+        result = resume(args.resume, **overrides)
+    else:
+        result = train(TrainConfig.from_recipe(args.recipe, **overrides))
+    return 0  # a stop at --max-minutes is requested, and checkpointed: resume continues it
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mixnet {__version__}")
@@ -150,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the full results (per-class accuracy, confusion "
                                                  "matrix, failures) as JSON")
     p.set_defaults(func=cmd_validate)
+
+    from .recipes import add_arguments as add_train_arguments
+
+    p = sub.add_parser("train", help="train or fine-tune on an ImageFolder dataset (resumable; torchrun for DDP)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""Training settings: ``TrainConfig`` (every value of a run) and the named recipes that fill it.
+
+Kept free of heavy imports so that the command line can build its options from it cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import MixNetError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Defaults are generic; recipes (``RECIPES``) set the rest."""
+
+    # What to train on what.
+    model: str = "mixnet_s"
+    data: Optional[str] = None  # a folder with train/ and val/ in ImageFolder layout
+    train_dir: Optional[str] = None  # or the two folders separately
+    val_dir: Optional[str] = None
+    output: Optional[str] = None  # the run directory
+    recipe: Optional[str] = None  # the recipe that supplied the defaults (recorded for reference)
+    pretrained: Optional[str] = None  # weights tag, file or hub folder to start from (new head if needed)
+    model_args: Dict[str, Any] = field(default_factory=dict)  # create_model overrides, e.g. width_multiplier
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # Optimisation.
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    accum_steps: int = 1
+    opt: str = "adamw"  # sgd (nesterov) | adamw | rmsproptf
+    lr: Optional[float] = None  # absolute; None: lr_base scaled by the global batch
+    lr_base: float = 4e-3
+    lr_base_size: int = 256
+    momentum: float = 0.9
+    opt_eps: float = 1e-8
+    weight_decay: float = 0.05
+    sched: str = "cosine"  # cosine | step | constant
+    sched_per_step: bool = True  # False: the lr changes at epoch boundaries only
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    decay_epochs: float = 2.4
+    decay_rate: float = 0.97
+    clip_grad: Optional[float] = None  # max global gradient norm
+    label_smoothing: float = 0.1
+    # Augmentation and resolution.
+    train_size: int = 224
+    eval_size: int = 224
+    eval_crop_pct: float = 0.875
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    randaugment_ops: int = 0  # 0: no RandAugment
+    randaugment_magnitude: float = 9.0  # 0..10
+    randaugment_std: float = 0.0
+    random_erasing: float = 0.0  # probability, per-pixel noise
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    # Weight EMA.
+    ema: bool = True
+    ema_decay: float = 0.9998
+    ema_warmup: bool = True
+    # Precision and system.
+    amp: str = "none"  # none | bf16 | fp16 (fp16: GPU only, with a gradient scaler)
+    channels_last: bool = False
+    sync_bn: bool = False
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    checkpoint_minutes: float = 10.0  # mid-epoch checkpoint interval; 0 disables
+    max_minutes: Optional[float] = None  # stop cleanly (checkpointed) after this long
+    progress: bool = True
+
+    @classmethod
+    def from_recipe(cls, recipe: Optional[str] = None, **overrides) -> "TrainConfig":
+        """The recipe's values over the defaults, then ``overrides`` over those."""
+        values: Dict[str, Any] = {}
+        if recipe is not None:
+            if recipe not in RECIPES:
+                raise MixNetError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+            values.update(RECIPES[recipe], recipe=recipe)
+        values.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise MixNetError(f"unknown training setting(s): {', '.join(unknown)}")
+        config = cls(**values)
+        if recipe == "finetune" and config.pretrained is None:
+            config.pretrained = config.model  # the architecture's published weights
+        return config
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if k in ("scale", "ratio") else v for k, v in values.items() if k in names}
+        return cls(**values)
+
+
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # The recipe of the published mixnet_xl.ra_in1k weights (timm's RandAugment EfficientNet recipe).
+    "ra": dict(
+        opt="rmsproptf", opt_eps=1e-3, momentum=0.9, lr_base=0.016, lr_base_size=256, weight_decay=1e-5,
+        sched="step", sched_per_step=False, decay_epochs=2.4, decay_rate=0.969, warmup_epochs=5,
+        warmup_lr=1e-6, min_lr=0.0, epochs=450, batch_size=128, drop_rate=0.3, drop_path_rate=0.2,
+        ema=True, ema_decay=0.9999, ema_warmup=False, randaugment_ops=2, randaugment_magnitude=9.0,
+        randaugment_std=0.5, random_erasing=0.3, label_smoothing=0.1, train_size=224, eval_size=224,
+        scale=(0.08, 1.0), amp="none",
+    ),
+    # Fine-tuning published weights on a few thousand images: new head, AdamW, cosine, light augmentation.
+    "finetune": dict(
+        opt="adamw", lr_base=2e-3, lr_base_size=256, weight_decay=0.01, sched="cosine", warmup_epochs=1,
+        min_lr=1e-6, epochs=10, batch_size=32, drop_rate=0.2, drop_path_rate=0.1, ema=True,
+        ema_decay=0.999, ema_warmup=True, label_smoothing=0.1, train_size=224, eval_size=224,
+        scale=(0.35, 1.0), randaugment_ops=0, random_erasing=0.0,
+    ),
+    # From scratch on a small dataset at low resolution on CPU (e.g. Imagenette, mixnet_s): train at 128,
+    # evaluate at 160 (the train/test resolution discrepancy of random-resized-crop favours a larger
+    # test size), AdamW + cosine with warmup, light RandAugment, EMA with warmup.
+    "small-data": dict(
+        opt="adamw", lr_base=0.01, lr_base_size=256, weight_decay=0.05, sched="cosine", warmup_epochs=2,
+        min_lr=1e-5, epochs=40, batch_size=64, drop_rate=0.2, drop_path_rate=0.05, ema=True,
+        ema_decay=0.999, ema_warmup=True, label_smoothing=0.1, train_size=128, eval_size=160,
+        eval_crop_pct=0.875, scale=(0.35, 1.0), randaugment_ops=2, randaugment_magnitude=5.0,
+        randaugment_std=0.5, random_erasing=0.0, mixup=0.0, cutmix=0.0, amp="none", channels_last=True,
+        workers=2,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+_PARSERS = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+            "Optional[str]": str}
+# Set by dedicated options of ``mixnet train`` rather than generated ones.
+_NOT_OPTIONS = {"recipe", "model_args"}
+
+
+def _model_arg(text: str) -> Tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def add_arguments(parser) -> None:
+    """One ``--option`` per ``TrainConfig`` field (``--no-option`` for booleans), all defaulting to
+    "not given", so the recipe's value stands unless overridden."""
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="named preset of every setting below")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    parser.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=None,
+                        metavar="KEY=VALUE", help="architecture override for create_model, e.g. "
+                                                  "width_multiplier=0.5 (repeatable)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = f"default: {default}" if default is not None else "default: none"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=shown)
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        elif f.type.startswith("Tuple"):
+            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=shown)
+        else:
+            parser.add_argument(flag, type=_PARSERS[f.type], default=None, help=shown)
+
+
+def overrides_from_args(args) -> Dict[str, Any]:
+    """The settings given on the command line (those left out keep the recipe's values)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "model_args" in overrides:
+        overrides["model_args"] = dict(overrides["model_args"])
+    for k in ("scale", "ratio"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return overrides
