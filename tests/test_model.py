@@ -1,0 +1,268 @@
+"""The model family against the reference (timm, as test oracle) and against the published facts."""
+
+import math
+
+import pytest
+import timm
+import torch
+
+import mixnet
+from mixnet.model import MIN_INPUT_SIZE
+
+ALL = mixnet.list_models()
+
+# Published parameter counts (ImageNet heads); tf_ ports equal their counterparts.
+PARAMS = {"mixnet_s": 4_134_606, "mixnet_m": 5_014_382, "mixnet_l": 7_329_252,
+          "mixnet_xl": 11_896_768, "mixnet_xxl": 23_961_752}
+FEATURE_CHANNELS = {"mixnet_s": [16, 24, 40, 120, 200], "mixnet_m": [24, 32, 40, 120, 200],
+                    "mixnet_l": [32, 40, 56, 160, 264], "mixnet_xl": [40, 48, 64, 192, 320]}
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights and BN statistics, so that every parameter and buffer matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def pair(name: str, **kwargs):
+    """Our model and timm's, with identical (randomised) weights."""
+    ours = mixnet.create_model(name, **kwargs)
+    ref = timm.create_model(name, **kwargs)
+    randomize(ref)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameter_count_matches_publication(name):
+    model = mixnet.create_model(name)
+    base = name.removeprefix("tf_")
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[base]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_interchanges_with_timm_both_ways(name):
+    ours = mixnet.create_model(name)
+    ref = timm.create_model(name)
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert list(ours_sd) == list(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+    ours.load_state_dict(ref_sd, strict=True)
+    ref.load_state_dict(ours_sd, strict=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_logits_match_timm(name):
+    ours, ref = pair(name)
+    ours.eval(), ref.eval()
+    torch.manual_seed(1)
+    for shape in [(2, 3, 224, 224), (1, 3, 161, 127)]:  # standard, and odd non-square
+        x = torch.randn(shape)
+        with torch.no_grad():
+            a, b = ours(x), ref(x)
+        assert a.shape == (shape[0], 1000)
+        assert (a - b).abs().max().item() <= 1e-5, shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
+    ours, ref = pair(name, num_classes=10)
+    ours.train(), ref.train()
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 67, 75)
+    target = torch.tensor([1, 5, 9])
+    outputs = []
+    for model in (ours, ref):
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        outputs.append(out.detach())
+    assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-5
+    ref_params = dict(ref.named_parameters())
+    for key, p in ours.named_parameters():
+        ref_grad = ref_params[key].grad
+        assert torch.allclose(p.grad, ref_grad, atol=1e-5, rtol=1e-4), key
+    ref_buffers = dict(ref.named_buffers())
+    for key, b in ours.named_buffers():
+        assert torch.allclose(b.float(), ref_buffers[key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_feature_maps_match_timm(name):
+    ours = mixnet.create_model(name, features_only=True)
+    ref = timm.create_model(name, features_only=True)
+    randomize(ref)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.eval(), ref.eval()
+    assert ours.feature_info.channels() == ref.feature_info.channels()
+    assert ours.feature_info.reduction() == [2, 4, 8, 16, 32]
+    if name in FEATURE_CHANNELS:
+        assert ours.feature_info.channels() == FEATURE_CHANNELS[name]
+    x = torch.randn(1, 3, 96, 72)
+    with torch.no_grad():
+        feats, ref_feats = ours(x), ref(x)
+    assert len(feats) == 5
+    for f, r, stride in zip(feats, ref_feats, [2, 4, 8, 16, 32]):
+        assert f.shape == r.shape
+        assert f.shape[-2:] == (math.ceil(96 / stride), math.ceil(72 / stride))
+        assert (f - r).abs().max().item() <= 1e-5
+
+
+def test_out_indices_select_feature_maps():
+    model = mixnet.create_model("mixnet_s", features_only=True, out_indices=(1, 4)).eval()
+    assert model.feature_info.channels() == [24, 200]
+    assert model.feature_info.reduction() == [4, 32]
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [24, 200]
+    with pytest.raises(ValueError, match="out_indices"):
+        mixnet.create_model("mixnet_s", features_only=True, out_indices=(5,))
+
+
+@pytest.mark.parametrize("multipliers", [(0.75, 1.0), (1.1, 1.4)])
+def test_custom_width_and_depth_build_the_reference_scale(multipliers):
+    from timm.models.efficientnet import _gen_mixnet_m
+
+    width, depth = multipliers
+    ours = mixnet.create_model("mixnet_m", width_multiplier=width, depth_multiplier=depth)
+    ref = _gen_mixnet_m("mixnet_m", channel_multiplier=width, depth_multiplier=depth)
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert list(ours_sd) == list(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_script_and_fx_agree_with_eager(name):
+    model = mixnet.create_model(name).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 71, 45)
+    with torch.no_grad():
+        expected = model(x)
+        for out in (torch.jit.script(model)(x), torch.fx.symbolic_trace(model)(x)):
+            assert (out - expected).abs().max().item() <= 1e-5
+
+
+# The two layouts (S, M) in both padding styles; L/XL/XXL are M's tables rescaled (slow to export).
+@pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "tf_mixnet_s", "tf_mixnet_m"])
+def test_export_with_dynamic_batch_and_size_agrees_with_eager(name):
+    model = mixnet.create_model(name).eval()
+    randomize(model)
+    # torch.export needs the last feature map > 1 pixel for a dynamic size (static 32 is tested below).
+    dims = {0: torch.export.Dim("batch", max=64), 2: torch.export.Dim("height", min=33, max=2048),
+            3: torch.export.Dim("width", min=33, max=2048)}
+    exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=(dims,)).module()
+    with torch.no_grad():
+        for shape in [(3, 3, 71, 45), (1, 3, 224, 224)]:
+            x = torch.randn(shape)
+            assert (exported(x) - model(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
+def test_smallest_input_runs_in_every_form(name):
+    model = mixnet.create_model(name).eval()
+    x = torch.randn(1, 3, MIN_INPUT_SIZE, MIN_INPUT_SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        assert (torch.jit.script(model)(x) - expected).abs().max() <= 1e-5
+        assert (torch.fx.symbolic_trace(model)(x) - expected).abs().max() <= 1e-5
+        assert (torch.export.export(model, (x,)).module()(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tf_mixnet_s"])
+def test_torch_compile_agrees_with_eager(name):
+    model = mixnet.create_model(name).eval()
+    x = torch.randn(1, 3, 65, 49)
+    with torch.no_grad():
+        assert (torch.compile(model)(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_tf_ports_differ_from_pytorch_padding_only_where_tf_pads_asymmetrically():
+    ours = mixnet.create_model("tf_mixnet_s")
+    assert all(m.eps == 1e-3 for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    plain = mixnet.create_model("mixnet_s")
+    assert all(m.eps == 1e-5 for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match="did you mean.*mixnet_s"):
+        mixnet.create_model("mixnet_ss")
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(TypeError, match="width_multipler"):
+        mixnet.create_model("mixnet_s", width_multipler=2.0)
+
+
+def test_negative_num_classes_is_refused():
+    with pytest.raises(ValueError, match="num_classes"):
+        mixnet.create_model("mixnet_s", num_classes=-1)
+
+
+def test_wrong_channel_count_is_named():
+    model = mixnet.create_model("mixnet_s").eval()
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="4-d batch"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_too_small_input_is_named():
+    model = mixnet.create_model("mixnet_s").eval()
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(1, 3, 31, 64))
+
+
+def test_in_chans_and_num_classes_shape_the_model():
+    model = mixnet.create_model("mixnet_s", in_chans=1, num_classes=7).eval()
+    assert model.conv_stem.weight.shape[1] == 1
+    assert model(torch.randn(2, 1, 40, 40)).shape == (2, 7)
+    headless = mixnet.create_model("mixnet_s", num_classes=0).eval()
+    assert headless(torch.randn(2, 3, 40, 40)).shape == (2, 1536)
+
+
+def test_head_api():
+    model = mixnet.create_model("mixnet_s").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 1536, 2, 2)
+        pre = model.forward_head(features, pre_logits=True)
+        assert torch.allclose(pre, features.mean((2, 3)))
+        assert torch.allclose(model.forward_head(features), model.get_classifier()(pre))
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5) and model.pretrained_cfg["num_classes"] == 5
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
+    assert cfg["interpolation"] == "bicubic" and cfg["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    model = mixnet.create_model("mixnet_m")
+    head = model.conv_head.weight  # 1x1, 1536 outputs, groups 1: fan_out 1536
+    assert head.std().item() == pytest.approx(math.sqrt(2 / 1536), rel=0.02)
+    dw = model.blocks[5][1].conv_dw[0].weight  # depthwise: fan_out = k*k*out/groups = k*k
+    assert dw.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.1)
+    bound = 1 / math.sqrt(1000)
+    w = model.classifier.weight
+    assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
+    assert model.classifier.bias.abs().sum() == 0
+
+
+def test_drop_path_is_stochastic_in_training_and_grows_with_depth():
+    model = mixnet.create_model("mixnet_s", drop_path_rate=0.2, drop_rate=0.3)
+    rates = [b.drop_path.p for stage in model.blocks for b in stage if hasattr(b.drop_path, "p")]
+    assert rates == sorted(rates) and 0 < rates[0] < rates[-1] < 0.2
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)
+    model.eval()
+    assert torch.equal(model(x), model(x))
