@@ -233,15 +233,36 @@ def resolve_config(name: str, **overrides) -> MixNetConfig:
     return dataclasses.replace(MODELS[name].config, **overrides)
 
 
-def create_model(name: str, pretrained=False, num_classes: int = 1000, in_chans: int = 3,
+def create_model(name: str, pretrained=False, num_classes: Optional[int] = None, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, **overrides) -> nn.Module:
+                 out_indices: Optional[Sequence[int]] = None, *, cache_dir=None,
+                 url_base: Optional[str] = None, source: str = "auto", progress: bool = True,
+                 **overrides) -> nn.Module:
     """Build a MixNet by name, e.g. ``create_model("mixnet_s", num_classes=10)``.
+
+    ``pretrained``: False (random init), True (the architecture's published weights, also chosen by a
+    tagged name such as ``"mixnet_s.ft_in1k"``), a weights tag, or a file / hub folder / run directory
+    (see ``mixnet.weights``). ``num_classes`` defaults to the weights' classes, else 1000; a different
+    count leaves the classifier freshly initialised. ``cache_dir``, ``url_base``, ``source`` and
+    ``progress`` control downloading (``mixnet.weights.fetch``).
 
     ``overrides`` replace fields of the architecture (``width_multiplier``, ``depth_multiplier``,
     ``tf_padding``, ``bn_eps``, ...), so any MixNet scale can be built.
     """
-    config = resolve_config(name, **overrides)
+    if "." in name and name not in MODELS:  # "arch.tag", as timm names weights
+        tag = name
+        name = name.split(".", 1)[0]
+        if pretrained is True:
+            pretrained = tag
+    config = resolve_config(name, **overrides)  # a bad name or argument fails before any download
+    checkpoint = None
+    if pretrained:
+        from .weights import read_checkpoint
+
+        checkpoint = read_checkpoint(name if pretrained is True else pretrained, cache_dir=cache_dir,
+                                     url_base=url_base, source=source, progress=progress)
+    if num_classes is None:
+        num_classes = checkpoint.num_classes if checkpoint is not None else 1000
     pretrained_cfg = MODELS[name].pretrained_cfg
     if features_only:
         model: nn.Module = MixNetFeatures(config, in_chans, drop_path_rate, out_indices, pretrained_cfg)
@@ -250,6 +271,8 @@ def create_model(name: str, pretrained=False, num_classes: int = 1000, in_chans:
             raise ValueError("out_indices only applies with features_only=True")
         model = MixNet(config, num_classes, in_chans, drop_rate, drop_path_rate, pretrained_cfg)
     model.model_name = name
-    if pretrained:
-        raise NotImplementedError("pretrained weights are not available yet")
+    if checkpoint is not None:
+        from .weights import apply_checkpoint
+
+        apply_checkpoint(model, checkpoint)
     return model

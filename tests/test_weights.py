@@ -1,0 +1,487 @@
+"""Pretrained weights: registry facts, real downloads from a local HTTP server, safe loading, hub format.
+
+timm is the oracle: files it writes must load here with equal logits, and ours must load in timm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import io
+import json
+import pickle
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixnet
+from mixnet import hub
+from mixnet.errors import MixNetError
+from mixnet.imagenet import imagenet_class_names
+from mixnet.weights import (DEFAULT_TAG, RELEASE_BASE, RUN_MODEL_DIRNAME, WEIGHTS, default_tag,
+                            load_model, save_pretrained)
+
+timm = pytest.importorskip("timm")
+
+PUBLISHED = ["mixnet_s.ft_in1k", "mixnet_m.ft_in1k", "mixnet_l.ft_in1k", "mixnet_xl.ra_in1k",
+             "tf_mixnet_s.in1k", "tf_mixnet_m.in1k", "tf_mixnet_l.in1k"]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def timm_s():
+    torch.manual_seed(0)
+    return timm.create_model("mixnet_s").eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def assert_same_logits(ours, theirs, x):
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def release_file(timm_s):
+    """A timm-made checkpoint named like a release file: <arch>-<first 8 hex of its sha256>.pth."""
+    buffer = io.BytesIO()
+    torch.save(timm_s.state_dict(), buffer)
+    data = buffer.getvalue()
+    return f"mixnet_s-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+
+
+class FileServer:
+    """Serves in-memory files on 127.0.0.1, with Range support and scripted failures."""
+
+    def __init__(self):
+        self.files = {}
+        self.requests = []  # (path, Range header or None)
+        self.drops_left = 0  # this many responses stop halfway, then close the connection
+        self.ignore_range = False
+        self.hub_files = {}  # (repo_id, file name) -> bytes, served as the Hugging Face hub
+        self.hub_requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
+            def do_GET(self, head=False):
+                if self.path.startswith("/hf/"):
+                    self.serve_hub(head)
+                    return
+                name = self.path.rsplit("/", 1)[-1]
+                if self.path.startswith("/weights/"):
+                    server.requests.append((self.path, self.headers.get("Range")))
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                ranged = self.headers.get("Range")
+                if ranged and not server.ignore_range:
+                    start = int(ranged.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.drops_left > 0:
+                    server.drops_left -= 1
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def serve_hub(self, head):
+                """Just enough of the hub's file endpoint: /hf/<org>/<repo>/resolve/<revision>/<file>."""
+                parts = self.path.split("/")
+                key = ("/".join(parts[2:4]), parts[-1])
+                server.hub_requests.append(key)
+                data = server.hub_files.get(key)
+                if data is None:
+                    self.send_error(404, "Entry Not Found")
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/weights"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def local_hub(monkeypatch, server):
+    """The Hugging Face hub endpoint is the local server too (which knows no hub repositories)."""
+    from huggingface_hub import constants
+
+    endpoint = server.url.rsplit("/", 1)[0] + "/hf"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def served_entry(monkeypatch, server, release_file, tmp_path, local_hub):
+    """mixnet_s.ft_in1k registered with the locally made file's hash; URL base and cache via env vars."""
+    name, data = release_file
+    server.files[name] = data
+    entry = dataclasses.replace(WEIGHTS["mixnet_s.ft_in1k"], sha256=name[9:17], url=f"{RELEASE_BASE}/{name}")
+    monkeypatch.setitem(WEIGHTS, entry.tag, entry)
+    monkeypatch.setenv("MIXNET_WEIGHTS_URL_BASE", server.url)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MIXNET_CACHE_DIR", str(cache))
+    return entry, cache / name
+
+
+def cache_files(cache: Path):
+    """What is in the cache, lock files aside."""
+    return sorted(p.name for p in cache.glob("*") if not p.name.endswith(".lock")) if cache.exists() else []
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+def test_registry_matches_the_published_checkpoints():
+    from timm.models import get_pretrained_cfg
+
+    assert set(PUBLISHED) <= set(WEIGHTS)
+    for tag in PUBLISHED:
+        entry, theirs = WEIGHTS[tag], get_pretrained_cfg(tag)
+        assert entry.url == theirs.url and entry.hf_hub_id == theirs.hf_hub_id
+        assert entry.url.startswith("https://github.com/rwightman/pytorch-image-models/releases/download/")
+        assert entry.filename.rsplit("-", 1)[1] == f"{entry.sha256}.pth" and len(entry.sha256) == 8
+        assert entry.architecture == theirs.architecture and entry.architecture in mixnet.MODELS
+        cfg = entry.pretrained_cfg
+        assert (cfg.input_size, cfg.crop_pct, cfg.interpolation) == \
+            (theirs.input_size, theirs.crop_pct, theirs.interpolation)
+        assert (cfg.mean, cfg.std) == (theirs.mean, theirs.std)
+        assert 75 < entry.top1 < entry.top5 < 100
+    assert WEIGHTS["mixnet_xl.ra_in1k"].file_size == 48_001_170
+    assert default_tag("mixnet_l") == "mixnet_l.ft_in1k"
+    assert DEFAULT_TAG in WEIGHTS and WEIGHTS[DEFAULT_TAG].package_file and not WEIGHTS[DEFAULT_TAG].url
+
+
+def test_no_published_weights_is_a_clear_error():
+    with pytest.raises(MixNetError, match="no published weights for mixnet_xxl"):
+        mixnet.create_model("mixnet_xxl", pretrained=True)
+
+
+def test_builtin_imagenette_weights_load_or_say_they_are_missing():
+    entry = WEIGHTS[DEFAULT_TAG]
+    package_dir = Path(mixnet.__file__).parent / "weights"
+    if (package_dir / entry.package_file).is_file():
+        model = load_model(DEFAULT_TAG)
+        assert model.num_classes == 10 and len(model.pretrained_cfg["class_names"]) == 10
+        assert model.pretrained_cfg["tag"] == DEFAULT_TAG
+    else:
+        with pytest.raises(MixNetError, match=r"mixnet_s\.imagenette: the built-in weights are not in this"):
+            load_model(DEFAULT_TAG)
+
+
+# ------------------------------------------------------------------------------------------ downloads
+
+
+def test_download_verifies_caches_and_matches_timm(served_entry, server, timm_s, images):
+    entry, cached = served_entry
+    model = mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    assert_same_logits(model, timm_s, images)
+    assert cached.is_file() and cache_files(cached.parent) == [cached.name]  # no .part left
+    assert model.pretrained_cfg["class_names"] == imagenet_class_names()
+    assert model.pretrained_cfg["tag"] == "mixnet_s.ft_in1k"
+    assert len(server.requests) == 1
+    again = mixnet.create_model("mixnet_s.ft_in1k", pretrained=True, progress=False)  # from the cache
+    assert len(server.requests) == 1
+    assert_same_logits(again, timm_s, images)
+
+
+def test_arguments_override_environment(served_entry, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXNET_WEIGHTS_URL_BASE", "http://127.0.0.1:9/nowhere")
+    cache = tmp_path / "elsewhere"
+    mixnet.create_model("mixnet_s", pretrained="mixnet_s.ft_in1k", cache_dir=cache, url_base=server.url,
+                        source="github", progress=False)
+    assert cache_files(cache) == [served_entry[1].name]
+
+
+def test_hash_mismatch_is_refused_and_discarded(served_entry, server):
+    entry, cached = served_entry
+    server.files[cached.name] = server.files[cached.name][:-4] + b"evil"
+    with pytest.raises(MixNetError, match=rf"{cached.name}: .*sha256 .* not the expected {entry.sha256}"):
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    assert cache_files(cached.parent) == []
+
+
+def test_404_names_the_url_and_where_to_put_the_file(served_entry, server):
+    entry, cached = served_entry
+    del server.files[cached.name]
+    with pytest.raises(MixNetError) as error:
+        mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
+    message = str(error.value)
+    assert "HTTP 404" in message and f"{server.url}/{cached.name}" in message and "\n" not in message
+    with pytest.raises(MixNetError, match=rf"fetch {server.url}/{cached.name} yourself and put it at {cached}"):
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)  # auto: the hub lacks it too
+    assert cache_files(cached.parent) == []
+
+
+def test_offline_with_nothing_cached(served_entry, server, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    entry, cached = served_entry
+    with pytest.raises(MixNetError) as error:
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    message = str(error.value)
+    assert cached.name in message and f"{server.url}/{cached.name}" in message and str(cached) in message
+    assert "offline" in message and not server.requests
+
+
+def test_dropped_connection_is_resumed_with_range(served_entry, server, timm_s, images):
+    entry, cached = served_entry
+    server.drops_left = 1
+    model = mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
+    assert_same_logits(model, timm_s, images)
+    (_, first_range), (_, second_range) = server.requests
+    size = len(server.files[cached.name])
+    assert first_range is None and second_range == f"bytes={size // 2}-"
+    assert cache_files(cached.parent) == [cached.name]
+
+
+def test_connection_that_keeps_dropping_fails_cleanly_then_resumes_next_time(served_entry, server):
+    entry, cached = served_entry
+    server.drops_left = 100
+    with pytest.raises(MixNetError, match=rf"{cached.name}: download from .* broke off after"):
+        mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
+    part = cached.with_name(cached.name + ".part")
+    assert not cached.exists() and part.is_file()  # never a partial file under the final name
+    kept = part.stat().st_size
+    assert 0 < kept < len(server.files[cached.name])
+    server.drops_left = 0
+    mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
+    assert server.requests[-1][1] == f"bytes={kept}-"
+    assert cache_files(cached.parent) == [cached.name]
+    assert hub.file_sha256(cached).startswith(entry.sha256)
+
+
+def test_server_ignoring_range_restarts_from_scratch(served_entry, server, timm_s, images):
+    entry, cached = served_entry
+    cached.parent.mkdir(parents=True)
+    cached.with_name(cached.name + ".part").write_bytes(b"stale bytes of some other file")
+    server.ignore_range = True
+    model = mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
+    assert server.requests[0][1] == "bytes=30-"
+    assert_same_logits(model, timm_s, images)
+
+
+def test_corrupt_cached_file_is_reported(served_entry):
+    entry, cached = served_entry
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not the weights")
+    with pytest.raises(MixNetError, match=rf"{cached}: sha256 .*delete the cached file"):
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ local files
+
+
+class RunsCode:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"conv_stem.weight": torch.zeros(1), "extra": RunsCode(marker)}
+    with open(path, "wb") as f:
+        torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f)
+    with pytest.raises(MixNetError, match=rf"{path}: refused: .*objects other than tensors"):
+        mixnet.create_model("mixnet_s", pretrained=path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file_is_a_one_line_error(tmp_path, timm_s, suffix):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pth":
+        torch.save(timm_s.state_dict(), path)
+    else:
+        save_file(timm_s.state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(MixNetError, match=rf"{path}: not a readable .*truncated or corrupt") as error:
+        load_model(path, architecture="mixnet_s")
+    assert "\n" not in str(error.value)
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    path = tmp_path / "m.pth"
+    torch.save(timm.create_model("mixnet_m").state_dict(), path)
+    with pytest.raises(MixNetError, match=rf"{path}: does not fit mixnet_s: .*looks like mixnet_m or "
+                                          r"tf_mixnet_m weights") as error:
+        mixnet.create_model("mixnet_s", pretrained=path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("layout", ["bare", "state_dict", "state_dict_ema", "model", "ddp"])
+def test_timm_checkpoint_layouts_load_with_equal_logits(tmp_path, timm_s, images, layout):
+    weights = timm_s.state_dict()
+    noise = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()}
+    checkpoint = {
+        "bare": weights,
+        "state_dict": {"epoch": 3, "arch": "mixnet_s", "state_dict": weights, "optimizer": {}},
+        "state_dict_ema": {"state_dict": noise, "state_dict_ema": weights},  # EMA preferred
+        "model": {"model": weights},
+        "ddp": {"state_dict": {f"module.{k}": v for k, v in weights.items()}},
+    }[layout]
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(checkpoint, path)
+    assert_same_logits(mixnet.create_model("mixnet_s", pretrained=path), timm_s, images)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_timm_hub_folder_loads_with_equal_logits_and_names(tmp_path, images, safe):
+    torch.manual_seed(2)
+    theirs = timm.create_model("mixnet_s", num_classes=10).eval()
+    names = [f"class {i}" for i in range(10)]
+    timm.models.save_for_hf(theirs, tmp_path, model_config=dict(label_names=names), safe_serialization=safe)
+    ours = load_model(tmp_path)
+    assert ours.num_classes == 10 and ours.pretrained_cfg["class_names"] == names
+    assert_same_logits(ours, theirs, images)
+    via_create = mixnet.create_model("mixnet_s", pretrained=tmp_path)  # num_classes from the folder
+    assert via_create.num_classes == 10
+    assert_same_logits(via_create, theirs, images)
+
+
+def test_save_pretrained_loads_in_timm_and_back(tmp_path, images):
+    ours = mixnet.create_model("mixnet_s", num_classes=10).eval()
+    names = [f"n{i:08d}" for i in range(10)]
+    folder = save_pretrained(ours, tmp_path / "hub", class_names=names)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert_same_logits(ours, theirs, images)
+    assert list(theirs.pretrained_cfg["label_names"]) == names
+    overlay = timm.create_model("mixnet_s", pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), num_classes=10))
+    assert_same_logits(ours, overlay, images)
+    back = load_model(folder)
+    assert back.pretrained_cfg["class_names"] == names and back.pretrained_cfg["architecture"] == "mixnet_s"
+    assert_same_logits(back, ours, images)
+    # a training run directory holding its final model
+    save_pretrained(back, tmp_path / "run" / RUN_MODEL_DIRNAME)
+    assert load_model(tmp_path / "run").pretrained_cfg["class_names"] == names
+    assert json.loads((folder / "config.json").read_text())["num_classes"] == 10
+
+
+def test_other_num_classes_starts_a_fresh_classifier(tmp_path, timm_s, images):
+    path = tmp_path / "w.pth"
+    torch.save(timm_s.state_dict(), path)
+    with pytest.warns(UserWarning, match="classifier not loaded"):
+        model = mixnet.create_model("mixnet_s", pretrained=path, num_classes=7).eval()
+    assert model.classifier.out_features == 7 and "class_names" not in model.pretrained_cfg
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), timm_s.forward_features(images),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans", [1, 5])
+def test_stem_adapts_to_other_channel_counts_like_timm(tmp_path, timm_s, in_chans):
+    path = tmp_path / "w.pth"
+    torch.save(timm_s.state_dict(), path)
+    ours = mixnet.create_model("mixnet_s", pretrained=path, in_chans=in_chans)
+    theirs = timm.create_model("mixnet_s", pretrained=True, in_chans=in_chans,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(2, in_chans, 64, 64)
+    assert_same_logits(ours, theirs, x)
+    assert ours.pretrained_cfg["input_size"][0] == in_chans
+
+
+def test_features_only_takes_the_trunk(tmp_path, timm_s, images):
+    path = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm_s.state_dict(), path)
+    ours = mixnet.create_model("mixnet_s", pretrained=path, features_only=True).eval()
+    theirs = timm.create_model("mixnet_s", pretrained=True, features_only=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        for a, b in zip(ours(images), theirs(images), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, timm_s):
+    path = tmp_path / "w.pth"
+    torch.save(timm_s.state_dict(), path)
+    with pytest.raises(MixNetError, match="fit mixnet_s and tf_mixnet_s alike"):
+        load_model(path)
+    assert load_model(path, architecture="mixnet_s").model_name == "mixnet_s"
+    with pytest.raises(MixNetError, match="not a model name, a weights tag"):
+        load_model(tmp_path / "missing.pth")
+
+
+def test_hugging_face_hub_is_the_fallback_source(served_entry, server, timm_s, images, tmp_path):
+    from safetensors.torch import save
+
+    entry, cached = served_entry
+    del server.files[cached.name]  # the GitHub release is gone
+    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = save(timm_s.state_dict())
+    model = mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    assert_same_logits(model, timm_s, images)
+    assert (entry.hf_hub_id, "model.safetensors") in server.hub_requests
+    assert not cached.exists()  # the hub keeps its own cache, under ours when ours is moved
+    assert list((cached.parent / "huggingface").rglob("model.safetensors"))
+    github_requests = len(server.requests)
+    again = mixnet.create_model("mixnet_s", pretrained=True, source="hf", progress=False)
+    assert_same_logits(again, timm_s, images)
+    assert len(server.requests) == github_requests  # source="hf" never asks GitHub
