@@ -338,6 +338,7 @@ class RunsCode:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the plain-pickle variant
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, writer):
     marker = tmp_path / "pwned"
@@ -420,6 +421,7 @@ def test_save_pretrained_loads_in_timm_and_back(tmp_path, images):
     assert_same_logits(back, ours, images)
     # a training run directory holding its final model
     save_pretrained(back, tmp_path / "run" / RUN_MODEL_DIRNAME)
+    (tmp_path / "run" / "config.json").write_text('{"recipe": "finetune"}')  # the run's own config
     assert load_model(tmp_path / "run").pretrained_cfg["class_names"] == names
     assert json.loads((folder / "config.json").read_text())["num_classes"] == 10
 

@@ -251,10 +251,11 @@ def read_checkpoint(spec: Union[str, PathLike], *, cache_dir: Optional[PathLike]
         return _read_registered(WEIGHTS[spec], cache_dir, url_base, source, progress)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / HUB_CONFIG).is_file():
-            return read_hub_folder(path)
+        # A run directory has a config.json of its own (the training configuration): check it first.
         if (path / RUN_MODEL_DIRNAME / HUB_CONFIG).is_file():
             return read_hub_folder(path / RUN_MODEL_DIRNAME)
+        if (path / HUB_CONFIG).is_file():
+            return read_hub_folder(path)
         raise MixNetError(f"{path}: a folder without {HUB_CONFIG} (nor {RUN_MODEL_DIRNAME}/{HUB_CONFIG}): "
                           f"not a hub folder or training run")
     if path.is_file():
