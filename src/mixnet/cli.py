@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def inference_model(args: argparse.Namespace):
     """``(model, forward)`` for predict / validate: the model gives the preprocessing and the classes,
     ``forward`` (any callable from an NCHW tensor to logits) runs the network."""
-    from .predict import resolve_model
+    from .inference import resolve_model
 
     model = resolve_model(args.model, args.weights)
     return model, model
@@ -73,7 +73,7 @@ def positive_int(text: str) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import list_image_files
-    from .predict import iter_predictions
+    from .inference import iter_predictions
 
     files = list_image_files(args.paths)  # a missing path is a usage error, before the model loads
     if not files:

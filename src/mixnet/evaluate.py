@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data import LabelledImageFolder, PathLike, build_eval_transform, collate, folder_classes
 from .errors import MixNetError
 from .imagenet import imagenet_class_names, imagenet_wnids
-from .predict import Forward, class_names, eval_mode, model_device, num_classes_of
+from .inference import Forward, class_names, eval_mode, model_device, num_classes_of
 
 
 def _normalize_label(label: str) -> str:

@@ -1,4 +1,4 @@
-"""mixnet.predict and `mixnet predict`, with a model whose answers are known (see colour_model.py)."""
+"""mixnet.predict (mixnet.inference) and `mixnet predict`, with a model whose answers are known (see colour_model.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from colour_model import COLOURS, make_colour_model, write_colour_image
 from mixnet import save_pretrained
 from mixnet.cli import main
 from mixnet.errors import MixNetError
-from mixnet.predict import class_names, predict
+from mixnet.inference import class_names, predict
 
 
 @pytest.fixture(scope="module")
