@@ -8,24 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from colour_model import make_colour_model, write_colour_image
-from mixnet import create_model, save_pretrained
+from colour_model import write_colour_image
+from mixnet import create_model
 from mixnet.cli import main
 from mixnet.errors import MixNetError
 from mixnet.evaluate import map_folders_to_classes, validate
 from mixnet.imagenet import imagenet_class_names, imagenet_wnids
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def colour_model():
-    return make_colour_model()
-
-
-@pytest.fixture(scope="module")
-def weights_dir(colour_model, tmp_path_factory):
-    return save_pretrained(colour_model, tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture

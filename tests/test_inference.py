@@ -8,21 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from colour_model import COLOURS, make_colour_model, write_colour_image
-from mixnet import save_pretrained
+from colour_model import COLOURS, write_colour_image
 from mixnet.cli import main
 from mixnet.errors import MixNetError
 from mixnet.inference import class_names, predict
-
-
-@pytest.fixture(scope="module")
-def colour_model():
-    return make_colour_model()
-
-
-@pytest.fixture(scope="module")
-def weights_dir(colour_model, tmp_path_factory):
-    return save_pretrained(colour_model, tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture
