@@ -72,6 +72,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     workers: int = 2
+    threads: Optional[int] = None  # torch threads per process; None: torch's default (all cores)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda

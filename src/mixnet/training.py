@@ -177,6 +177,8 @@ class Runtime:
 
 
 def _setup_runtime(config: TrainConfig) -> Runtime:
+    if config.threads:
+        torch.set_num_threads(config.threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = config.device
@@ -331,6 +333,9 @@ def _check_config(config: TrainConfig, runtime: Runtime) -> None:
         raise MixNetError(f"unknown amp mode {config.amp!r} (use none, bf16 or fp16)")
     if config.amp == "fp16" and runtime.device.type != "cuda":
         raise MixNetError("amp fp16 needs a GPU; on CPU use --amp bf16 or none")
+    if config.sync_bn and runtime.distributed and runtime.device.type != "cuda":
+        raise MixNetError("--sync-bn needs GPUs (torch's SyncBatchNorm is GPU-only); on CPU, BatchNorm "
+                          "statistics are averaged over processes before each evaluation instead")
     for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
         if getattr(config, name) < 1:
             raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")

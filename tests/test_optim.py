@@ -1,0 +1,138 @@
+"""RMSpropTF, the learning-rate schedules and the weight EMA against their definitions (timm as oracle)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mixnet.optim import LRSchedule, ModelEma, RMSpropTF, create_optimizer, parameter_groups
+
+
+def _rmsprop_tf_reference(param, grads, lr, alpha, eps, momentum, weight_decay):
+    """TensorFlow's RMSProp written out: ms starts at 1, eps inside the sqrt, lr inside the momentum."""
+    p = param.clone()
+    ms = torch.ones_like(p)
+    mom = torch.zeros_like(p)
+    for g in grads:
+        g = g + weight_decay * p
+        ms = alpha * ms + (1 - alpha) * g * g
+        mom = momentum * mom + lr * g / torch.sqrt(ms + eps)
+        p = p - mom
+    return p
+
+
+def _run(optimizer_factory, param0, grads):
+    p = nn.Parameter(param0.clone())
+    opt = optimizer_factory([p])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+@pytest.fixture
+def grads():
+    torch.manual_seed(0)
+    return torch.randn(6), [torch.randn(6) * s for s in (1.0, 0.01, 3.0, 0.5, 0.0, 2.0)]
+
+
+def test_rmsprop_tf_matches_the_tensorflow_definition(grads):
+    p0, gs = grads
+    ours = _run(lambda ps: RMSpropTF(ps, lr=0.016, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5), p0, gs)
+    ref = _rmsprop_tf_reference(p0, gs, lr=0.016, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    # and it is not torch's RMSprop (eps outside the sqrt, ms from 0): the semantics matter
+    torch_rms = _run(lambda ps: torch.optim.RMSprop(ps, lr=0.016, alpha=0.9, eps=1e-3, momentum=0.9), p0, gs)
+    assert not torch.allclose(ours, torch_rms, atol=1e-4)
+
+
+def test_rmsprop_tf_matches_timm(grads):
+    timm_optim = pytest.importorskip("timm.optim")
+    p0, gs = grads
+    for kwargs in (dict(momentum=0.9, weight_decay=1e-5), dict(momentum=0.0, weight_decay=0.0)):
+        ours = _run(lambda ps: RMSpropTF(ps, lr=0.016, alpha=0.9, eps=1e-3, **kwargs), p0, gs)
+        theirs = _run(lambda ps: timm_optim.RMSpropTF(ps, lr=0.016, alpha=0.9, eps=1e-3, **kwargs), p0, gs)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_rmsprop_tf_momentum_uses_the_lr_of_each_step(grads):
+    p0, gs = grads
+    p = nn.Parameter(p0.clone())
+    opt = RMSpropTF([p], lr=0.1, momentum=0.9)
+    p.grad = gs[0].clone()
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"].clone()
+    opt.param_groups[0]["lr"] = 0.0  # a zero lr still moves the weights by the decayed old momentum
+    before = p.detach().clone()
+    p.grad = gs[1].clone()
+    opt.step()
+    torch.testing.assert_close(before - p.detach(), 0.9 * buf)
+
+
+def test_step_schedule_matches_its_definition_and_timm():
+    scheduler_mod = pytest.importorskip("timm.scheduler")
+    sched = LRSchedule("step", lr=0.048, epochs=450, warmup_epochs=5, warmup_lr=1e-6, decay_epochs=2.4,
+                       decay_rate=0.969)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.048)
+    # timm's train.py (the recipe's script) counts decay periods from epoch 0: warmup_prefix=False
+    timm_sched = scheduler_mod.StepLRScheduler(opt, decay_t=2.4, decay_rate=0.969, warmup_t=5,
+                                               warmup_lr_init=1e-6, warmup_prefix=False)
+    for t in range(0, 40):
+        if t < 5:
+            expected = 1e-6 + t * (0.048 - 1e-6) / 5
+        else:
+            expected = 0.048 * 0.969 ** math.floor(t / 2.4)
+        assert sched(t) == pytest.approx(expected, rel=1e-12)
+        assert sched(t) == pytest.approx(timm_sched._get_lr(t)[0], rel=1e-12)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    sched = LRSchedule("cosine", lr=1.0, epochs=10, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1)
+    assert sched(0) == 0.0
+    assert sched(1) == pytest.approx(0.5)
+    assert sched(2) == pytest.approx(1.0)
+    assert sched(6) == pytest.approx(0.55)  # halfway down: (1 + 0.1) / 2
+    assert sched(10) == pytest.approx(0.1)
+    values = [sched(2 + 0.5 * i) for i in range(17)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_unknown_schedule_and_optimizer_are_refused():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRSchedule("linear", lr=1.0, epochs=1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        create_optimizer("lion", nn.Linear(2, 2), lr=0.1, weight_decay=0.0)
+
+
+def test_weight_decay_spares_biases_and_norms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {p.ndim for p in decay["params"]} == {2, 4}
+    assert len(no_decay["params"]) == 4  # conv bias, bn weight and bias, linear bias
+
+
+def test_ema_is_an_exponential_average_of_weights_and_buffers():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = ModelEma(model, decay=0.9, warmup=False)
+    start = [t.clone() for t in ema.module.state_dict().values()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+        model[1].num_batches_tracked.add_(5)
+    ema.update(model, updates=0)
+    for s, (name, e), m in zip(start, ema.module.state_dict().items(), model.state_dict().values()):
+        if e.is_floating_point():
+            torch.testing.assert_close(e, 0.9 * s + 0.1 * m, msg=name)
+        else:
+            assert torch.equal(e, m), name
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_warmup_starts_fast_and_caps_at_decay():
+    ema = ModelEma(nn.Linear(2, 2), decay=0.999, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(10 ** 6) == 0.999

@@ -1,0 +1,282 @@
+"""mixnet train: learning, exact resume after SIGKILL, DDP with torchrun, and bad input.
+
+Everything runs on a tiny generated dataset (colour-coded classes, 32 px) with a width- and
+head-reduced mixnet_s, so each run takes seconds.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixnet import TrainConfig, create_model, resume_training, train
+from mixnet.errors import MixNetError
+from mixnet.training import BEST, LAST, NonFiniteLoss, load_checkpoint
+from mixnet.weights import load_model
+
+TINY_MODEL = dict(width_multiplier=0.25, head_channels=64)
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+
+
+def make_dataset(root: Path, train_per_class: int = 24, val_per_class: int = 6, classes=COLOURS) -> Path:
+    """Noisy flat-colour images: class = dominant colour (learnable in a few updates)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c, colour in enumerate(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(colour, 50, size=(36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(data: Path, output: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(data), output=str(output), model="mixnet_s", model_args=dict(TINY_MODEL),
+                  epochs=2, batch_size=6, train_size=32, eval_size=32, workers=0, progress=False,
+                  opt="adamw", lr=3e-3, warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0,
+                  ema_decay=0.9, deterministic=True, checkpoint_minutes=0, seed=3, threads=1)
+    values.update(overrides)
+    return TrainConfig.from_recipe(None, **values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def read_metrics(run: Path):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_few_epochs_learn_well_above_chance_and_write_the_run_directory(data, tmp_path):
+    run = tmp_path / "run"
+    # BatchNorm statistics need a few dozen updates to settle: 5 epochs of 6
+    result = train(tiny_config(data, run, epochs=5, batch_size=12, opt="sgd", lr=0.1, scale=(0.5, 1.0)))
+    assert result.completed and result.epochs_done == 5
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    best = max(max(float(r["val_top1"]), float(r["ema_val_top1"])) for r in rows)
+    assert best >= 70.0, rows  # chance is 33 %
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert all(float(r["train_images_per_s"]) > 0 for r in rows)
+    for name in ("config.json", "metrics.csv", "curves.png", LAST, BEST, "final/config.json",
+                 "final/model.safetensors"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["model_args"] == TINY_MODEL and config["class_names"] == ["class0", "class1", "class2"]
+    # the final model loads as pretrained weights, with class names and the evaluation size
+    model = load_model(run / "final", **TINY_MODEL)
+    assert model.pretrained_cfg["class_names"] == ["class0", "class1", "class2"]
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
+    state = load_checkpoint(run / LAST)
+    assert state["epoch"] == 5 and set(state) >= {"state_dict", "state_dict_ema", "optimizer", "rng", "config"}
+
+
+def _run_until_killed(config_args, run: Path, kill_when) -> None:
+    """Start `mixnet train` in a subprocess and SIGKILL it once ``kill_when(checkpoint)`` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "mixnet", "train", *config_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / LAST).is_file() and kill_when(load_checkpoint(run / LAST)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _cli_args(data: Path, run: Path, **settings):
+    args = ["--data", str(data), "--output", str(run), "--model", "mixnet_s", "--no-progress", "--threads", "1"]
+    for k, v in TINY_MODEL.items():
+        args += ["--model-arg", f"{k}={v}"]
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + flag[2:])
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+SETTINGS = dict(epochs=3, batch_size=6, train_size=32, eval_size=32, workers=0, opt="adamw", lr=3e-3,
+                warmup_epochs=1, weight_decay=0.01, label_smoothing=0.1, ema_decay=0.9, deterministic=True,
+                seed=3, drop_path_rate=0.1, randaugment_ops=2, mixup=0.4)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "end-of-epoch"])
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where):
+    reference = tmp_path / "reference"
+    train(tiny_config(data, reference, **SETTINGS, checkpoint_minutes=0))
+
+    killed = tmp_path / "killed"
+    if where == "mid-epoch":  # a checkpoint after every update; killed in the middle of epoch 2
+        settings = dict(SETTINGS, checkpoint_minutes=1e-6)
+        kill_when = lambda s: s["epoch"] == 1 and s["update"] >= 2  # noqa: E731
+    else:
+        settings = dict(SETTINGS, checkpoint_minutes=0)
+        kill_when = lambda s: s["epoch"] >= 1  # noqa: E731
+    _run_until_killed(_cli_args(data, killed, **settings), killed, kill_when)
+    state = load_checkpoint(killed / LAST)
+    assert state["epoch"] < 3
+    resume_training(str(killed), checkpoint_minutes=0)
+
+    ours, theirs = load_checkpoint(killed / LAST), load_checkpoint(reference / LAST)
+    assert ours["epoch"] == theirs["epoch"] == 3
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in theirs[key].items():
+            assert torch.equal(ours[key][name], tensor), f"{key}.{name} differs after resume"
+    assert [r["train_loss"] for r in ours["history"]] == [r["train_loss"] for r in theirs["history"]]
+
+
+def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(MixNetError, match="no such checkpoint"):
+        resume_training(str(tmp_path))
+    (tmp_path / LAST).write_bytes(b"not a checkpoint")
+    with pytest.raises(MixNetError, match="not a readable training checkpoint"):
+        resume_training(str(tmp_path))
+
+
+def test_train_refuses_to_overwrite_a_run(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    with pytest.raises(MixNetError, match="already holds a training run"):
+        train(tiny_config(data, run, epochs=1))
+
+
+def test_max_minutes_stops_with_a_checkpoint_that_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_config(data, run, epochs=1, max_minutes=1e-9))
+    assert not result.completed and not (run / "final").exists()
+    assert load_checkpoint(run / LAST)["global_update"] == 0
+    assert resume_training(str(run), max_minutes=None).completed
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_on_cpu(data, tmp_path):
+    run = tmp_path / "ddp"
+    args = _cli_args(data, run, epochs=1, batch_size=3, train_size=32, eval_size=32, workers=0, lr=3e-3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "mixnet", "train", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 6
+    state = load_checkpoint(run / LAST)
+    model = create_model("mixnet_s", num_classes=3, **TINY_MODEL)
+    model.load_state_dict(state["state_dict"])  # rank 0's checkpoint: plain keys, no "module." prefix
+    assert len(read_metrics(run)) == 1
+    # 72 training images over 2 ranks x 3 per batch: 12 updates of 6 images, all counted
+    assert state["global_update"] == 12
+    assert load_model(run / "final", **TINY_MODEL).num_classes == 3
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_class_folder_is_skipped_with_a_warning(data, tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    (root / "train" / "empty").mkdir()
+    run = tmp_path / "run"
+    train(tiny_config(root, run, epochs=1))
+    assert "empty class folder" in capsys.readouterr().err
+    assert load_checkpoint(run / LAST)["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    (root / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "val" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = tmp_path / "run"
+    train(tiny_config(root, run, epochs=1, batch_size=73))  # one batch holding every training image
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "broken.jpg" in err
+    assert float(read_metrics(run)[0]["bad_images"]) == 2
+
+
+def test_val_class_missing_from_train_is_reported_and_not_scored(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    extra = root / "val" / "unseen"
+    extra.mkdir()
+    Image.new("RGB", (36, 36), (128, 128, 128)).save(extra / "x.png")
+    run = tmp_path / "run"
+    train(tiny_config(root, run, epochs=1))
+    assert "unseen" in capsys.readouterr().err
+    assert load_checkpoint(run / LAST)["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_a_single_class_or_missing_folders_are_refused(tmp_path):
+    root = make_dataset(tmp_path / "one", classes=COLOURS[:1])
+    with pytest.raises(MixNetError, match="at least 2"):
+        train(tiny_config(root, tmp_path / "run"))
+    with pytest.raises(MixNetError, match="no such directory"):
+        train(tiny_config(tmp_path / "nowhere", tmp_path / "run2"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    from mixnet import training
+
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss = training._Trainer._loss
+
+    def loss_turning_nan(self, logits, targets):
+        calls["n"] += 1
+        loss = real_loss(self, logits, targets)
+        return loss * float("nan") if calls["n"] > 14 else loss  # epoch 1 has 12 updates
+
+    monkeypatch.setattr(training._Trainer, "_loss", loss_turning_nan)
+    with pytest.raises(NonFiniteLoss, match="NaN") as info:
+        train(tiny_config(data, run, epochs=3))
+    assert str(run / LAST) in str(info.value)
+    state = load_checkpoint(run / LAST)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+def test_full_disk_on_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    from mixnet import training
+
+    run = tmp_path / "run"
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def save_until_disk_full(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # the initial checkpoint and epoch 1's succeed
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "save", save_until_disk_full)
+    with pytest.raises(MixNetError, match="No space left on device"):
+        train(tiny_config(data, run, epochs=3))
+    monkeypatch.undo()
+    assert load_checkpoint(run / LAST)["epoch"] == 1
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_recipes_fill_settings_and_overrides_win():
+    ra = TrainConfig.from_recipe("ra", epochs=3)
+    assert (ra.opt, ra.opt_eps, ra.lr_base, ra.decay_rate, ra.decay_epochs, ra.ema_decay, ra.epochs) == \
+        ("rmsproptf", 1e-3, 0.016, 0.969, 2.4, 0.9999, 3)
+    assert TrainConfig.from_recipe("finetune", model="mixnet_m").pretrained == "mixnet_m"
+    assert TrainConfig.from_recipe("small-data").train_size == 128
+    with pytest.raises(MixNetError, match="unknown recipe"):
+        TrainConfig.from_recipe("fast")
+    with pytest.raises(MixNetError, match="unknown training setting"):
+        TrainConfig.from_recipe(None, learning_rate=1.0)
