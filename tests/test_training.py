@@ -152,8 +152,9 @@ def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_train_refuses_to_overwrite_a_run(data, tmp_path):
-    run = tmp_path / "run"
-    train(tiny_config(data, run, epochs=1))
+    run = tmp_path / "run"  # also exercises accumulation, clipping, bf16 autocast and cutmix
+    result = train(tiny_config(data, run, epochs=1, accum_steps=2, clip_grad=1.0, amp="bf16", cutmix=1.0))
+    assert result.history[0]["train_loss"] > 0 and load_checkpoint(run / LAST)["global_update"] == 6
     with pytest.raises(MixNetError, match="already holds a training run"):
         train(tiny_config(data, run, epochs=1))
 
@@ -268,6 +269,21 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(data, tmp_path, monkeyp
     monkeypatch.undo()
     assert load_checkpoint(run / LAST)["epoch"] == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_finetune_starts_from_a_run_with_a_new_head(data, tmp_path):
+    source = tmp_path / "source"
+    train(tiny_config(data, source, epochs=1))
+    root = make_dataset(tmp_path / "two", classes=COLOURS[:2])
+    run = tmp_path / "finetuned"
+    train(tiny_config(root, run, pretrained=str(source / "final"), epochs=1))
+    start = load_checkpoint(source / LAST)["state_dict"]
+    tuned = load_checkpoint(run / LAST)
+    assert tuned["class_names"] == ["class0", "class1"] and tuned["state_dict"]["classifier.weight"].shape[0] == 2
+    # the trunk started from the source weights: after one short epoch it is still close to them
+    trunk = "conv_stem.weight"
+    assert torch.dist(tuned["state_dict"][trunk], start[trunk]) < 0.5 * torch.dist(
+        create_model("mixnet_s", num_classes=2, **TINY_MODEL).state_dict()[trunk], start[trunk])
 
 
 def test_recipes_fill_settings_and_overrides_win():
