@@ -741,14 +741,22 @@ def train(config: TrainConfig) -> TrainResult:
     if (Path(config.output) / LAST).exists():
         raise MixNetError(f"{config.output}: already holds a training run; resume it with "
                           f"--resume {config.output}, or choose another --output")
-    trainer = _Trainer(config, runtime, None)
-    trainer.build()
-    return trainer.run()
+    return _run(config, runtime, None)
+
+
+def _run(config: TrainConfig, runtime: Runtime, state: Optional[Dict[str, Any]]) -> TrainResult:
+    try:
+        trainer = _Trainer(config, runtime, state)
+        trainer.build()
+        return trainer.run()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # Settings that may differ on resume without changing the result (others are allowed but warned about).
 RESUME_SAFE = {"epochs", "workers", "progress", "checkpoint_minutes", "max_minutes", "eval_every", "data",
-               "train_dir", "val_dir", "output", "device"}
+               "train_dir", "val_dir", "output", "device", "threads"}
 
 
 def resume(run_dir: str, **overrides) -> TrainResult:
@@ -770,6 +778,4 @@ def resume(run_dir: str, **overrides) -> TrainResult:
                       f"from an uninterrupted run", stacklevel=2)
     runtime = _setup_runtime(config)
     _check_config(config, runtime)
-    trainer = _Trainer(config, runtime, state)
-    trainer.build()
-    return trainer.run()
+    return _run(config, runtime, state)
