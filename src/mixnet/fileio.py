@@ -11,6 +11,12 @@ from typing import IO, Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``.
@@ -21,6 +27,7 @@ def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
