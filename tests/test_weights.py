@@ -487,3 +487,13 @@ def test_hugging_face_hub_is_the_fallback_source(served_entry, server, timm_s, i
     again = mixnet.create_model("mixnet_s", pretrained=True, source="hf", progress=False)
     assert_same_logits(again, timm_s, images)
     assert len(server.requests) == github_requests  # source="hf" never asks GitHub
+
+
+def test_rescaled_architecture_round_trips_through_a_hub_folder(tmp_path):
+    model = mixnet.create_model("mixnet_m", num_classes=4, width_multiplier=0.5, depth_multiplier=0.8).eval()
+    mixnet.save_pretrained(model, tmp_path / "small", class_names=list("abcd"))
+    loaded = mixnet.load_model(tmp_path / "small").eval()
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hub
-from .configs import MODELS, PretrainedCfg
+from .configs import MODELS, MixNetConfig, PretrainedCfg
 from .errors import MixNetError
 from .fileio import atomic_write
 from .imagenet import imagenet_class_names
@@ -129,6 +129,7 @@ class Checkpoint:
     tag: Optional[str] = None
     class_names: Optional[List[str]] = None
     preprocess: Dict[str, object] = field(default_factory=dict)  # PretrainedCfg fields
+    architecture_args: Dict[str, object] = field(default_factory=dict)  # MixNetConfig overrides
 
     @property
     def num_classes(self) -> int:
@@ -218,9 +219,14 @@ def read_hub_folder(folder: PathLike, config_file: Optional[PathLike] = None,
         names = [names[k] for k in sorted(names, key=int)]
     fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
     preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+    architecture_args = config.get(ARCHITECTURE_ARGS, {})
+    unknown = set(architecture_args) - set(_scalar_architecture_fields())
+    if unknown:
+        raise MixNetError(f"{config_file}: unknown {ARCHITECTURE_ARGS} {', '.join(sorted(unknown))}")
     state_dict = read_state_dict(weights_file)
     checkpoint = Checkpoint(state_dict, str(weights_file), architecture,
-                            class_names=list(names) if names else None, preprocess=preprocess)
+                            class_names=list(names) if names else None, preprocess=preprocess,
+                            architecture_args=architecture_args)
     if checkpoint.class_names and len(checkpoint.class_names) != checkpoint.num_classes:
         raise MixNetError(f"{config_file}: {len(checkpoint.class_names)} label_names for a classifier "
                           f"of {checkpoint.num_classes} classes")
@@ -459,11 +465,20 @@ def load_model(spec: Union[str, PathLike], *, architecture: Optional[str] = None
         architecture = guesses[0]
     model = create_model(architecture,
                          num_classes=checkpoint.num_classes if num_classes is None else num_classes,
-                         in_chans=checkpoint.in_chans if in_chans is None else in_chans, **create_kwargs)
+                         in_chans=checkpoint.in_chans if in_chans is None else in_chans,
+                         **{**checkpoint.architecture_args, **create_kwargs})
     return apply_checkpoint(model, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- saving
+
+
+ARCHITECTURE_ARGS = "mixnet_args"
+
+
+def _scalar_architecture_fields() -> List[str]:
+    """The ``MixNetConfig`` fields a saved config may change (all but the stage tables)."""
+    return [f.name for f in dataclasses.fields(MixNetConfig) if f.name != "stages"]
 
 
 def save_pretrained(model: nn.Module, directory: PathLike, class_names: Optional[Sequence[str]] = None,
@@ -498,6 +513,12 @@ def save_pretrained(model: nn.Module, directory: PathLike, class_names: Optional
     if class_names is not None:
         config["label_names"] = [str(name) for name in class_names]
     config["model_args"] = dict(num_classes=num_classes, in_chans=model.in_chans)
+    # A rescaled or otherwise changed architecture, under a key of our own (timm passes model_args on).
+    registered = MODELS[model.model_name].config
+    changed = {k: getattr(model.config, k) for k in _scalar_architecture_fields()
+               if getattr(model.config, k) != getattr(registered, k)}
+    if changed:
+        config[ARCHITECTURE_ARGS] = changed
     config["pretrained_cfg"] = pretrained_cfg
     with atomic_write(directory / HUB_CONFIG, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
