@@ -53,6 +53,16 @@ def inference_model(args: argparse.Namespace):
     from .inference import resolve_model
 
     model = resolve_model(args.model, args.weights)
+    if args.backend == "onnxruntime":
+        from .export import onnxruntime_forward
+
+        return model, onnxruntime_forward(model, args.onnx)
+    if args.onnx:
+        raise MixNetError("--onnx FILE needs --backend onnxruntime")
+    if args.fast:
+        from .optimize import optimize_for_inference
+
+        return model, optimize_for_inference(model)
     return model, model
 
 
@@ -62,6 +72,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights file, hub folder, run directory or tag")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="image loading processes (default: %(default)s)")
+    p.add_argument("--fast", action="store_true", help="run the inference form (batch norm folded, MixConvs "
+                                                       "merged, channels_last); same outputs to 1e-4")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime runs the model exported to ONNX (default: %(default)s)")
+    p.add_argument("--onnx", metavar="FILE", help="with --backend onnxruntime: an ONNX file from `mixnet export` "
+                                                  "(default: export the model to a temporary file)")
 
 
 def positive_int(text: str) -> int:
@@ -133,6 +149,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0  # a stop at --max-minutes is requested, and checkpointed: resume continues it
 
 
+def export_source_model(args: argparse.Namespace):
+    """The model ``mixnet export`` writes: random weights for an architecture with --random-weights,
+    else whatever ``--weights`` / the NAME|RUN_DIR resolves to (a tag, file, hub folder or run)."""
+    if args.random_weights:
+        from .model import create_model
+
+        if args.source not in list_models():
+            raise MixNetError(f"--random-weights needs an architecture name, got {args.source!r}")
+        return create_model(args.source).eval()
+    from .inference import resolve_model
+
+    if args.weights:
+        return resolve_model(args.source, args.weights)
+    return resolve_model(None, args.source)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, format_from_path
+
+    fmt = args.format or format_from_path(args.output)
+    result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
+                          check=not args.no_check)
+    report = dict(path=str(result.path), format=result.format, size_bytes=result.size_bytes,
+                  max_abs_diff=result.max_abs_diff, checked_shapes=[list(s) for s in result.checked_shapes])
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        checked = (f"checked at {', '.join('x'.join(map(str, s)) for s in result.checked_shapes)}: "
+                   f"max |diff| {result.max_abs_diff:.2g}" if result.checked_shapes else "not checked")
+        print(f"wrote {result.path} ({result.format}, {result.size_bytes / 2**20:.1f} MiB); {checked}")
+    return 0
+
+
+def int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import default_paths, format_table, run_benchmark, to_json
+
+    paths = (args.paths.split(",") if args.paths
+             else default_paths(args.fast, "timm" in (args.compare or []), args.train))
+    results = run_benchmark(args.model or ["mixnet_s"], args.batch_size, paths, train=args.train,
+                            image_size=args.image_size, warmup=args.warmup, repeats=args.repeats,
+                            num_threads=args.threads, show_progress=not args.json)
+    print(json.dumps(to_json(results), indent=2) if args.json else format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mixnet {__version__}")
@@ -164,6 +235,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the full results (per-class accuracy, confusion "
                                                  "matrix, failures) as JSON")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export (pt2), checked after writing")
+    p.add_argument("source", metavar="NAME|RUN_DIR", help="architecture, weights tag, weights file, hub folder "
+                                                          "or training run directory")
+    p.add_argument("--format", choices=["onnx", "torchscript", "pt2"],
+                   help="default: from the output suffix (.onnx, .ts/.pt, .pt2)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE")
+    p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights for the architecture NAME")
+    p.add_argument("--random-weights", action="store_true", help="export the architecture NAME untrained")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest logit difference from PyTorch accepted (default: %(default)g)")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("benchmark", help="images/s, latency and memory; side by side with timm")
+    p.add_argument("--model", nargs="+", metavar="NAME", help="architectures (default: mixnet_s)")
+    p.add_argument("--batch-size", type=int_list, default=[1, 32], metavar="N,N",
+                   help="comma-separated batch sizes (default: 1,32)")
+    p.add_argument("--image-size", type=positive_int, default=224, metavar="PX")
+    p.add_argument("--fast", action="store_true", help="also our optimized paths (fused eager, "
+                                                       "torch.compile, onnxruntime) and timm's")
+    p.add_argument("--train", action="store_true", help="time a training step instead of inference")
+    p.add_argument("--compare", nargs="+", choices=["timm"], help="run timm's same model alongside")
+    p.add_argument("--paths", metavar="P,P", help="exactly these paths (overrides --fast/--compare), from: "
+                   "mixnet, mixnet-fast, mixnet-fast-compile, mixnet-onnxruntime, timm, timm-cl, "
+                   "timm-compile, timm-onnxruntime; with --train: mixnet, mixnet-cl, timm, timm-cl")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per path (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=20, metavar="N",
+                   help="interleaved timed rounds (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch/onnxruntime threads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_benchmark)
 
     from .recipes import add_arguments as add_train_arguments
 

@@ -1,0 +1,291 @@
+"""Throughput, latency and peak memory of MixNet, ours against timm's, measured side by side.
+
+Every way of running a model ("path": eager, optimized, compiled, onnxruntime, and timm's forms) is
+built once, warmed up, and then timed in interleaved rounds (one call of each path per round), so
+load from other processes hits all paths alike; medians are reported. Ratios are ours / timm's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MixNetError
+from .model import create_model
+from .optimize import optimize_for_inference
+
+# Inference paths. "mixnet*" are ours, "timm*" the oracle's; "-cl" = channels_last,
+# "-compile" = torch.compile, "-onnxruntime" = exported to ONNX and run by onnxruntime.
+OURS_EAGER = "mixnet"
+OURS_FAST = ("mixnet-fast", "mixnet-fast-compile", "mixnet-onnxruntime")
+TIMM_EAGER = ("timm", "timm-cl")
+TIMM_FAST = ("timm-compile", "timm-onnxruntime")
+INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST
+TRAIN_PATHS = ("mixnet", "mixnet-cl", "timm", "timm-cl")
+
+
+def default_paths(fast: bool, compare_timm: bool, train: bool) -> List[str]:
+    """The paths measured for the given CLI flags."""
+    if train:
+        return [p for p in TRAIN_PATHS if compare_timm or p.startswith("mixnet")]
+    paths = [OURS_EAGER] + (list(OURS_FAST) if fast else [])
+    if compare_timm:
+        paths += list(TIMM_EAGER) + (list(TIMM_FAST) if fast else [])
+    return paths
+
+
+@dataclass
+class Measurement:
+    model: str
+    path: str
+    mode: str  # "infer" or "train"
+    batch_size: int
+    image_size: int
+    images_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    peak_memory_mb: Optional[float]  # peak resident memory above the level before the call
+    setup_s: float  # building, compiling or exporting the path, and its first call
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters, so that folding them is really exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+    return model
+
+
+def _timm_model(name: str, reference: nn.Module) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise MixNetError("--compare timm needs timm installed (pip install timm)") from None
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(reference.state_dict())  # same weights, so outputs are comparable
+    return model
+
+
+def _onnxruntime_runner(model: nn.Module, workdir: Path, tag: str, optimize: bool):
+    from .export import EXAMPLE_SHAPE, OnnxRuntimeModel, export_model, _dynamic_dims
+
+    path = workdir / f"{tag}.onnx"
+    if optimize:
+        export_model(model, path, "onnx", check=False)
+    else:  # timm's model as it is, through the same exporter
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (torch.randn(EXAMPLE_SHAPE),), dynamo=True,
+                                        verbose=False, dynamic_shapes=_dynamic_dims())
+        program.save(str(path))
+    return OnnxRuntimeModel(path)
+
+
+def build_path(path: str, model: nn.Module, name: str, workdir: Path) -> Callable[[Tensor], Tensor]:
+    """A callable for one inference path of ``model`` (ours, eval mode, random weights)."""
+    if path == "mixnet":
+        return model
+    if path == "mixnet-fast":
+        return optimize_for_inference(model)
+    if path == "mixnet-fast-compile":
+        return optimize_for_inference(model, compile=True)
+    if path == "mixnet-onnxruntime":
+        return _onnxruntime_runner(model, workdir, name, optimize=True)
+    timm_model = _timm_model(name, model).eval()
+    if path == "timm":
+        return timm_model
+    if path == "timm-cl":
+        return timm_model.to(memory_format=torch.channels_last)
+    if path == "timm-compile":  # the better eager memory format is unknown in advance; use NCHW
+        return torch.compile(timm_model)
+    if path == "timm-onnxruntime":
+        return _onnxruntime_runner(timm_model, workdir, f"timm_{name}", optimize=False)
+    raise MixNetError(f"unknown benchmark path {path!r}; choose from {', '.join(INFER_PATHS)}")
+
+
+def build_train_step(path: str, model: nn.Module, name: str, batch_size: int):
+    """One SGD step (forward, cross-entropy, backward, update) of ours or timm's model."""
+    if path.startswith("timm"):
+        model = _timm_model(name, model)
+    else:
+        model = copy.deepcopy(model)
+    if path.endswith("-cl"):
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    targets = torch.randint(0, 1000, (batch_size,), generator=torch.Generator().manual_seed(0))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), targets)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def _rss_mb(field: str) -> Optional[float]:
+    """VmRSS or VmHWM (peak) of this process from /proc, in MiB; None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Peak resident memory one call of ``fn`` adds to the process (CPU), in MiB."""
+    if not _reset_peak_rss():
+        return None
+    before = _rss_mb("VmRSS")
+    fn()
+    peak = _rss_mb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0.0)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure(runners: Dict[str, Callable[[Tensor], object]], x: Tensor, warmup: int, repeats: int,
+            progress: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each runner, timed in interleaved rounds after ``warmup`` calls each."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
+        if progress:
+            progress()
+    return times
+
+
+def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequence[str],
+                  train: bool = False, image_size: int = 224, warmup: int = 3, repeats: int = 20,
+                  num_threads: Optional[int] = None, seed: int = 0,
+                  show_progress: bool = True) -> List[Measurement]:
+    """Measure every path on every model and batch size; one Measurement per combination."""
+    from tqdm import tqdm
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    known = TRAIN_PATHS if train else INFER_PATHS
+    unknown = [p for p in paths if p not in known]
+    if unknown:
+        raise MixNetError(f"unknown benchmark path(s) {', '.join(unknown)} for "
+                          f"{'training' if train else 'inference'}; choose from {', '.join(known)}")
+    results: List[Measurement] = []
+    bar = tqdm(total=len(models) * len(batch_sizes) * repeats, desc="benchmark", unit="round",
+               disable=not show_progress)
+    with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as tmp:
+        for name in models:
+            try:
+                torch.manual_seed(seed)
+                model = randomize_batchnorm(create_model(name), seed).eval()
+            except ValueError as e:
+                raise MixNetError(str(e)) from None
+            for batch_size in batch_sizes:
+                x = torch.randn(batch_size, 3, image_size, image_size,
+                                generator=torch.Generator().manual_seed(seed))
+                runners, setup_s, memory = {}, {}, {}
+                context = contextlib.nullcontext() if train else torch.inference_mode()
+                with context:
+                    for path in paths:
+                        bar.set_postfix_str(f"{name} b{batch_size} building {path}")
+                        start = time.perf_counter()
+                        run = (build_train_step(path, model, name, batch_size) if train
+                               else build_path(path, model, name, Path(tmp)))
+                        run(x)  # the first call (compilation happens here) counts as setup
+                        setup_s[path] = time.perf_counter() - start
+                        memory[path] = peak_memory_mb(lambda: run(x))
+                        runners[path] = run
+                    bar.set_postfix_str(f"{name} b{batch_size}")
+                    times = measure(runners, x, warmup, repeats, bar.update)
+                for path, seconds in times.items():
+                    p50 = statistics.median(seconds)
+                    results.append(Measurement(
+                        model=name, path=path, mode="train" if train else "infer",
+                        batch_size=batch_size, image_size=image_size,
+                        images_per_s=batch_size / p50, latency_p50_ms=p50 * 1e3,
+                        latency_p95_ms=_percentile(seconds, 0.95) * 1e3,
+                        peak_memory_mb=memory[path], setup_s=setup_s[path]))
+                del runners
+    bar.close()
+    return results
+
+
+def ratios(results: Iterable[Measurement]) -> List[dict]:
+    """Per model and batch size: our best path against timm's best eager form and each timm path."""
+    groups: Dict[tuple, List[Measurement]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.mode, r.batch_size), []).append(r)
+    rows = []
+    for (model, mode, batch_size), group in groups.items():
+        ours = [r for r in group if r.path.startswith("mixnet")]
+        timm = [r for r in group if r.path.startswith("timm")]
+        if not ours or not timm:
+            continue
+        best = max(ours, key=lambda r: r.images_per_s)
+        row = dict(model=model, mode=mode, batch_size=batch_size, ours=best.path)
+        eager = [r for r in timm if r.path in ("timm", "timm-cl")]
+        if eager:
+            best_eager = max(eager, key=lambda r: r.images_per_s)
+            row["vs_timm_best_eager"] = best.images_per_s / best_eager.images_per_s
+        for r in timm:
+            row[f"vs_{r.path}"] = best.images_per_s / r.images_per_s
+        rows.append(row)
+    return rows
+
+
+def format_table(results: Sequence[Measurement]) -> str:
+    """A plain-text table of the measurements followed by the ours/timm ratios."""
+    lines = [f"{'model':<14}{'mode':<6}{'batch':>6}  {'path':<22}{'img/s':>9}{'p50 ms':>9}"
+             f"{'p95 ms':>9}{'peak MiB':>10}{'setup s':>9}"]
+    for r in results:
+        memory = "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}"
+        lines.append(f"{r.model:<14}{r.mode:<6}{r.batch_size:>6}  {r.path:<22}{r.images_per_s:>9.1f}"
+                     f"{r.latency_p50_ms:>9.1f}{r.latency_p95_ms:>9.1f}{memory:>10}{r.setup_s:>9.1f}")
+    for row in ratios(results):
+        parts = ", ".join(f"{k[3:]} x{v:.2f}" for k, v in row.items() if k.startswith("vs_"))
+        lines.append(f"ours/timm {row['model']} {row['mode']} batch {row['batch_size']} "
+                     f"({row['ours']}): {parts}")
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[Measurement]) -> dict:
+    return dict(torch=torch.__version__, num_threads=torch.get_num_threads(),
+                results=[asdict(r) for r in results], ratios=ratios(results))

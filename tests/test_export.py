@@ -1,0 +1,104 @@
+"""Exported files (TorchScript for every variant, ONNX via onnxruntime, pt2) reproduce the eval model."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mixnet import create_model, list_models
+from mixnet.benchmark import randomize_batchnorm
+from mixnet.cli import main
+from mixnet.errors import MixNetError
+from mixnet.export import EXPORTERS, compare_with_model, export_model, format_from_path, load_exported
+
+TOLERANCE = 1e-4
+SHAPES = [(1, 3, 224, 224), (3, 3, 97, 131)]  # batch 1 at the native size; batch 3, odd, non-square
+QUICK_CHECK = [(2, 3, 64, 64)]  # the exporter's own check, kept small; the tests compare at SHAPES
+
+
+def randomized(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(create_model(name)).eval()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_torchscript_export_matches_eval_model(name, tmp_path):
+    model = randomized(name)
+    result = export_model(model, tmp_path / f"{name}.ts", check_shapes=QUICK_CHECK)
+    assert result.max_abs_diff < TOLERANCE
+    assert compare_with_model(load_exported(result.path), model, SHAPES, seed=5) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
+def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch_and_size(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = randomized(name)
+    result = export_model(model, tmp_path / f"{name}.onnx", check_shapes=QUICK_CHECK)
+    session = load_exported(result.path)
+    assert compare_with_model(session, model, SHAPES + [(2, 3, 32, 45)], seed=5) < TOLERANCE
+
+
+def test_pt2_export_matches_eval_model(tmp_path):
+    # Loading a pt2 program is slow (tens of seconds), so this relies on the exporter's own check of the
+    # written file, which test_export_that_disagrees_fails_loudly_and_writes_nothing shows is effective.
+    model = randomized("tf_mixnet_s")
+    result = export_model(model, tmp_path / "m.pt2", check_shapes=[(3, 3, 65, 99)])
+    assert result.format == "pt2" and result.path.is_file()
+    assert result.max_abs_diff < TOLERANCE
+
+
+def test_export_that_disagrees_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
+    model = randomized("mixnet_s")
+    exporter = EXPORTERS["torchscript"]
+
+    def perturbed(module, example):
+        with torch.no_grad():
+            module.classifier.bias.add_(1e-3)  # a small error the check must catch
+        return exporter(module, example)
+
+    monkeypatch.setitem(EXPORTERS, "torchscript", perturbed)
+    with pytest.raises(MixNetError, match="differs from PyTorch"):
+        export_model(model, tmp_path / "bad.ts", check_shapes=QUICK_CHECK)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_format_and_file_errors_name_the_file(tmp_path):
+    with pytest.raises(MixNetError, match="model.xyz"):
+        format_from_path(tmp_path / "model.xyz")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(MixNetError, match="garbage.onnx"):
+        load_exported(garbage)
+    with pytest.raises(MixNetError, match="missing.ts"):
+        load_exported(tmp_path / "missing.ts")
+
+
+def test_cli_export_writes_a_checked_file(tmp_path, capsys):
+    out = tmp_path / "s.ts"
+    assert main(["export", "mixnet_s", "--random-weights", "--output", str(out), "--json"]) == 0
+    assert '"max_abs_diff"' in capsys.readouterr().out
+    x = torch.randn(1, 3, 64, 64)
+    assert load_exported(out)(x).shape == (1, 1000)
+    assert main(["export", "mixnet_q", "--random-weights", "-o", str(tmp_path / "q.ts")]) == 2
+    assert "mixnet_q" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--fast"], ["--backend", "onnxruntime"]])
+def test_cli_predict_fast_and_onnxruntime_agree_with_torch(flags, weights_dir, tmp_path, capsys):
+    from colour_model import COLOURS, write_colour_image
+
+    if "onnxruntime" in flags:
+        pytest.importorskip("onnxruntime")
+    for colour in COLOURS:
+        write_colour_image(tmp_path / f"{colour}.png", colour)
+    base = ["predict", str(tmp_path), "--weights", str(weights_dir), "--topk", "3", "--json", "--workers", "0"]
+    assert main(base) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(base + flags) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(got) == len(expected) == len(COLOURS)
+    for g, e in zip(got, expected):
+        assert [c["index"] for c in g["top"]] == [c["index"] for c in e["top"]]
+        assert g["top"][0]["probability"] == pytest.approx(e["top"][0]["probability"], abs=1e-4)
