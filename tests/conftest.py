@@ -1,9 +1,17 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and one thread per test process under pytest-xdist."""
+
+import os
 
 import pytest
+import torch
 
 from colour_model import make_colour_model
 from mixnet import save_pretrained
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs as one process per core (-n auto in pyproject): MixNet's many small kernels
+    # parallelise poorly inside one process, so two single-threaded processes finish far sooner.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
