@@ -172,12 +172,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
                           check=not args.no_check)
     report = dict(path=str(result.path), format=result.format, size_bytes=result.size_bytes,
-                  max_abs_diff=result.max_abs_diff, checked_shapes=[list(s) for s in result.checked_shapes])
+                  max_diff=result.max_diff, checked_shapes=[list(s) for s in result.checked_shapes])
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         checked = (f"checked at {', '.join('x'.join(map(str, s)) for s in result.checked_shapes)}: "
-                   f"max |diff| {result.max_abs_diff:.2g}" if result.checked_shapes else "not checked")
+                   f"max |diff| {result.max_diff:.2g} of the logit scale" if result.checked_shapes else "not checked")
         print(f"wrote {result.path} ({result.format}, {result.size_bytes / 2**20:.1f} MiB); {checked}")
     return 0
 
