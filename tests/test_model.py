@@ -7,6 +7,7 @@ import timm
 import torch
 
 import mixnet
+from mixnet.benchmark import randomize_batchnorm as randomize
 from mixnet.model import MIN_INPUT_SIZE
 
 ALL = mixnet.list_models()
@@ -16,18 +17,6 @@ PARAMS = {"mixnet_s": 4_134_606, "mixnet_m": 5_014_382, "mixnet_l": 7_329_252,
           "mixnet_xl": 11_896_768, "mixnet_xxl": 23_961_752}
 FEATURE_CHANNELS = {"mixnet_s": [16, 24, 40, 120, 200], "mixnet_m": [24, 32, 40, 120, 200],
                     "mixnet_l": [32, 40, 56, 160, 264], "mixnet_xl": [40, 48, 64, 192, 320]}
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights and BN statistics, so that every parameter and buffer matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def pair(name: str, **kwargs):
@@ -180,7 +169,7 @@ def test_torch_compile_agrees_with_eager(name):
         assert (torch.compile(model)(x) - model(x)).abs().max().item() <= 1e-5
 
 
-def test_tf_ports_differ_from_pytorch_padding_only_where_tf_pads_asymmetrically():
+def test_tf_ports_use_tensorflow_batchnorm_eps():
     ours = mixnet.create_model("tf_mixnet_s")
     assert all(m.eps == 1e-3 for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d))
     plain = mixnet.create_model("mixnet_s")
