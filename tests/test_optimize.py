@@ -46,6 +46,17 @@ def test_merged_depthwise_mixconv_equals_split_form(tf_padding, stride):
         torch.testing.assert_close(merged(x), mixed(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tf_mixnet_s", "mixnet_m"])
+@torch.no_grad()
+def test_batchnorm_folds_into_split_mixconvs(name):
+    model = randomized(name)
+    fast = optimize_for_inference(model, merge_mixconv=False)
+    x = torch.randn(3, 3, 97, 131, generator=torch.Generator().manual_seed(1))
+    assert (fast(x) - model(x)).abs().max().item() < TOLERANCE
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, MixedConv2d) for m in fast.modules())
+
+
 @pytest.mark.parametrize("in_channels,out_channels", [(48, 96), (50, 75)])
 @torch.no_grad()
 def test_merged_grouped_pointwise_equals_split_form(in_channels, out_channels):

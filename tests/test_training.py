@@ -291,7 +291,7 @@ def test_recipes_fill_settings_and_overrides_win():
     assert (ra.opt, ra.opt_eps, ra.lr_base, ra.decay_rate, ra.decay_epochs, ra.ema_decay, ra.epochs) == \
         ("rmsproptf", 1e-3, 0.016, 0.969, 2.4, 0.9999, 3)
     assert TrainConfig.from_recipe("finetune", model="mixnet_m").pretrained == "mixnet_m"
-    assert TrainConfig.from_recipe("small-data").train_size == 128
+    assert TrainConfig.from_recipe("small-data").train_size == 112
     with pytest.raises(MixNetError, match="unknown recipe"):
         TrainConfig.from_recipe("fast")
     with pytest.raises(MixNetError, match="unknown training setting"):

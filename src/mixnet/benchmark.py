@@ -31,6 +31,7 @@ TIMM_EAGER = ("timm", "timm-cl")
 TIMM_FAST = ("timm-compile", "timm-onnxruntime")
 INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST
 TRAIN_PATHS = ("mixnet", "mixnet-cl", "timm", "timm-cl")
+SETTLE_S = 0.05  # idle time before each timed call (see measure)
 
 
 def default_paths(fast: bool, compare_timm: bool, train: bool) -> List[str]:
@@ -178,14 +179,20 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def measure(runners: Dict[str, Callable[[Tensor], object]], x: Tensor, warmup: int, repeats: int,
-            progress: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
-    """Seconds per call of each runner, timed in interleaved rounds after ``warmup`` calls each."""
+            progress: Optional[Callable[[], None]] = None, settle_s: float = SETTLE_S) -> Dict[str, List[float]]:
+    """Seconds per call of each runner, timed in interleaved rounds after ``warmup`` calls each.
+
+    Before each timed call the process sleeps ``settle_s``: PyTorch's OpenMP threads and onnxruntime's
+    thread pool spin-wait for a while after their work, and without the pause one runtime's spinning
+    threads take the cores from the next path (measured: mixnet_s batch 1 under onnxruntime ran at a
+    third of its own speed when timed right after torch calls)."""
     for run in runners.values():
         for _ in range(warmup):
             run(x)
     times: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            time.sleep(settle_s)
             start = time.perf_counter()
             run(x)
             times[name].append(time.perf_counter() - start)

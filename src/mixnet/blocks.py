@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
@@ -19,7 +19,7 @@ class DepthwiseSeparable(nn.Module):
     """Depthwise conv -> BN -> act -> [SE] -> 1x1 conv -> BN, plus the input when shapes allow."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int], stride: int,
-                 project_groups: int, se_ratio: float, act_layer: type[nn.Module],
+                 project_groups: int, se_ratio: float, act_layer: Callable[[], nn.Module],
                  norm_layer: type[nn.Module], tf_padding: bool, drop_path_rate: float):
         super().__init__()
         self.has_skip = stride == 1 and in_channels == out_channels
@@ -48,7 +48,7 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int], stride: int,
                  expand_ratio: float, expand_groups: int, project_groups: int, se_ratio: float,
-                 act_layer: type[nn.Module], norm_layer: type[nn.Module], tf_padding: bool,
+                 act_layer: Callable[[], nn.Module], norm_layer: type[nn.Module], tf_padding: bool,
                  drop_path_rate: float):
         super().__init__()
         mid_channels = int(in_channels * expand_ratio)

@@ -6,7 +6,8 @@ parts as children ``0``, ``1``, ...), so checkpoints interchange with timm uncha
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import functools
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,16 @@ class MixedConv2d(nn.ModuleList):
         self.in_channels = in_channels
         self.out_channels = out_channels
 
+    @classmethod
+    def from_convs(cls, convs: Sequence[nn.Conv2d]) -> "MixedConv2d":
+        """A MixedConv2d over ready-made parts (e.g. rewritten ones), applied in order."""
+        mixed = cls.__new__(cls)
+        nn.ModuleList.__init__(mixed, convs)
+        mixed.in_splits = [c.in_channels for c in convs]
+        mixed.in_channels = sum(mixed.in_splits)
+        mixed.out_channels = sum(c.out_channels for c in convs)
+        return mixed
+
     def forward(self, x: Tensor) -> Tensor:
         parts = torch.split(x, self.in_splits, 1)
         outputs: List[Tensor] = []
@@ -114,7 +125,7 @@ def mixed_conv2d(in_channels: int, out_channels: int, kernel_sizes: Sequence[int
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: channel gates from globally pooled features."""
 
-    def __init__(self, channels: int, reduced_channels: int, act_layer: type[nn.Module]):
+    def __init__(self, channels: int, reduced_channels: int, act_layer: Callable[[], nn.Module]):
         super().__init__()
         self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
         self.act1 = act_layer()
@@ -130,9 +141,12 @@ class SqueezeExcite(nn.Module):
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU}
 
 
-def activation(name: str) -> type[nn.Module]:
+def activation(name: str) -> Callable[[], nn.Module]:
+    """A factory of the named activation, in place: every activation here follows a batch norm (or a
+    conv) whose output nothing else reads, and overwriting it saves one tensor per layer; without it a
+    training step ran at x0.85 of timm's (benchmarks/RESULTS.md)."""
     try:
-        return ACTIVATIONS[name]
+        return functools.partial(ACTIVATIONS[name], inplace=True)
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
 

@@ -62,10 +62,8 @@ def merge_mixed_conv(mixed: MixedConv2d) -> nn.Conv2d:
     """
     convs: List[nn.Conv2d] = list(mixed)
     first = convs[0]
-    has_bias = first.bias is not None
-    biases = torch.cat([c.bias for c in convs]) if has_bias else None
-    depthwise = all(c.groups == c.in_channels == c.out_channels for c in convs)
-    if depthwise:
+    biases = torch.cat([c.bias for c in convs]) if first.bias is not None else None
+    if all(c.groups == c.in_channels == c.out_channels for c in convs):
         k_max = max(c.kernel_size[0] for c in convs)
         weight = torch.cat([F.pad(c.weight, [(k_max - c.kernel_size[0]) // 2] * 4) for c in convs])
         widest = max(convs, key=lambda c: c.kernel_size[0])
@@ -83,33 +81,42 @@ def merge_mixed_conv(mixed: MixedConv2d) -> nn.Conv2d:
     return _new_conv_like(first, weight, biases, groups=1, padding=0)
 
 
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``conv`` followed by ``bn`` (eval mode, running statistics) as one conv with a bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels: slice = slice(None)) -> nn.Conv2d:
+    """``conv`` followed by ``bn`` (eval mode, running statistics) as one conv with a bias;
+    ``channels``: the part of ``bn`` that follows ``conv`` (one part of a MixedConv2d)."""
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps))[channels]
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
     return _new_conv_like(conv, conv.weight * scale.reshape(-1, 1, 1, 1),
-                          (bias - bn.running_mean) * scale + bn.bias, groups=conv.groups,
-                          padding=conv.padding[0])
+                          (bias - bn.running_mean[channels]) * scale + bn.bias[channels],
+                          groups=conv.groups, padding=conv.padding[0])
+
+
+def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    if isinstance(conv, MixedConv2d):
+        parts, start = [], 0
+        for part in conv:
+            parts.append(fold_batchnorm(part, bn, slice(start, start + part.out_channels)))
+            start += part.out_channels
+        return MixedConv2d.from_convs(parts)
+    return fold_batchnorm(conv, bn)
 
 
 @torch.no_grad()
 def fuse_model(model: nn.Module, merge_mixconv: bool = True) -> nn.Module:
-    """Fold every batch norm into its conv (and merge MixConvs) in place; returns ``model``.
-
-    The batch norms become identities, so the model's own forward code runs unchanged.
+    """Fold every batch norm into its conv (and merge MixConvs) in place; returns ``model``. The batch norms become identities, so the model's own forward code runs unchanged.
     """
     model.eval()
+    for module in model.modules():
+        for conv_name, bn_name in CONV_BN_PAIRS.get(type(module), ()):
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, _fold_into(conv, bn))
+                setattr(module, bn_name, nn.Identity())
     if merge_mixconv:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, MixedConv2d):
                     setattr(parent, name, merge_mixed_conv(child))
-    for module in model.modules():
-        for conv_name, bn_name in CONV_BN_PAIRS.get(type(module), ()):
-            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-            if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d):
-                setattr(module, conv_name, fold_batchnorm(conv, bn))
-                setattr(module, bn_name, nn.Identity())
     return model
 
 
