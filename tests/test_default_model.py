@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGENETTE_VAL = ROOT / ".." / "shared" / "data" / "imagenette2-224" / "val"
 
 # The class of each shipped example photo, known from the Imagenette folder it was copied from.
-EXAMPLES = {"tench.jpg": "tench", "church.jpg": "church",
+EXAMPLES = {"tench.jpg": "tench", "english_springer.jpg": "English springer", "church.jpg": "church",
             "garbage_truck.jpg": "garbage truck", "golf_ball.jpg": "golf ball", "parachute.jpg": "parachute"}
 
 

@@ -92,6 +92,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels: slice = slice(
 
 
 def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """``bn`` folded into a conv, or into each part of a MixedConv2d (its slice of the channels)."""
     if isinstance(conv, MixedConv2d):
         parts, start = [], 0
         for part in conv:
@@ -103,7 +104,9 @@ def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
 
 @torch.no_grad()
 def fuse_model(model: nn.Module, merge_mixconv: bool = True) -> nn.Module:
-    """Fold every batch norm into its conv (and merge MixConvs) in place; returns ``model``. The batch norms become identities, so the model's own forward code runs unchanged.
+    """Fold every batch norm into its conv (and merge MixConvs) in place; returns ``model``.
+
+    The batch norms become identities, so the model's own forward code runs unchanged.
     """
     model.eval()
     for module in model.modules():
