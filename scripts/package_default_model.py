@@ -4,7 +4,9 @@
 
 Writes ``src/mixnet/weights/mixnet_s.imagenette.safetensors`` (fp16: half the size, same answers; the
 loader casts back to fp32) and its ``.json`` hub config, with the run's evaluation size and readable
-class names, and prints the sha256 to register in ``mixnet.weights.WEIGHTS``. The run's class folders
+class names, and prints the sha256 to register in ``mixnet.weights.WEIGHTS``. Also draws the training
+curve into ``docs/imagenette-curves.png``: when the run started from another run's final model
+(``--pretrained RUN/final/...``), that run's epochs come first, so the figure shows the whole training. The run's class folders
 are ImageNet wnids; the shipped names are ImageNet's readable names for them, from which ``validate``
 maps the wnid folders back.
 """
@@ -21,11 +23,32 @@ import torch
 from mixnet import create_model, save_pretrained
 from mixnet.hub import file_sha256
 from mixnet.imagenet import imagenet_class_names, imagenet_wnids
-from mixnet.training import load_checkpoint
+from mixnet.training import LAST, load_checkpoint, write_curves
 from mixnet.fileio import atomic_write
 
 TAG = "mixnet_s.imagenette"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "mixnet" / "weights"
+CURVES = Path(__file__).resolve().parents[1] / "docs" / "imagenette-curves.png"
+
+
+def training_stages(state) -> list:
+    """The checkpoint's state, preceded by those of the runs it was started from (oldest first)."""
+    stages = [state]
+    while stages[0]["config"].get("pretrained"):
+        previous_run = Path(stages[0]["config"]["pretrained"]).parent.parent  # RUN/final/model.safetensors
+        if not (previous_run / LAST).is_file():
+            break  # started from published or foreign weights: nothing more to draw
+        stages.insert(0, load_checkpoint(previous_run / LAST))
+    return stages
+
+
+def write_whole_curve(stages: list) -> None:
+    history, marks, offset = [], [], 0
+    for stage in stages:
+        history += [{**row, "epoch": row["epoch"] + offset} for row in stage["history"]]
+        offset = history[-1]["epoch"]
+        marks.append(offset)
+    write_curves(CURVES, history, marks=tuple(marks[:-1]))
 
 
 def main() -> None:
@@ -48,7 +71,8 @@ def main() -> None:
         folder = save_pretrained(model, tmp, class_names=class_names)
         hub_config = json.loads((folder / "config.json").read_text())
         hub_config["training"] = dict(run=str(args.run_dir), checkpoint=args.checkpoint, epoch=state["epoch"],
-                                      update=state["update"], weights=args.weights, epochs=config["epochs"])
+                                      update=state["update"], weights=args.weights, epochs=config["epochs"],
+                                      started_from=config.get("pretrained"))
         PACKAGE_WEIGHTS.mkdir(parents=True, exist_ok=True)
         target = PACKAGE_WEIGHTS / f"{TAG}.safetensors"
         with atomic_write(target) as f:
@@ -57,6 +81,9 @@ def main() -> None:
             json.dump(hub_config, f, indent=2)
     print(f"{target} ({target.stat().st_size:,} bytes) from epoch {state['epoch']}, update {state['update']}")
     print(f"sha256 {file_sha256(target)}")
+    stages = training_stages(state)
+    write_whole_curve(stages)
+    print(f"{CURVES}: {len(stages)} stage(s), {sum(len(s['history']) for s in stages)} epochs")
 
 
 if __name__ == "__main__":

@@ -296,3 +296,19 @@ def test_recipes_fill_settings_and_overrides_win():
         TrainConfig.from_recipe("fast")
     with pytest.raises(MixNetError, match="unknown training setting"):
         TrainConfig.from_recipe(None, learning_rate=1.0)
+
+
+def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
+    from mixnet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "-h"])
+    help_text = capsys.readouterr().out
+    groups = [title + ":" for title in ("model and data", "optimisation", "augmentation and resolution",
+                                        "weight EMA", "precision and system")]
+    positions = [help_text.index("\n" + g + "\n") for g in groups]
+    assert positions == sorted(positions)
+    epochs_line = next(line for line in help_text.splitlines() if line.strip().startswith("--epochs"))
+    assert f"ra: {TrainConfig.from_recipe('ra').epochs}" in epochs_line
+    assert f"small-data: {TrainConfig.from_recipe('small-data').epochs}" in epochs_line
+    assert "finetune" not in epochs_line  # the finetune recipe keeps the generic default

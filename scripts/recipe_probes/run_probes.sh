@@ -1,19 +1,33 @@
-# The recipe probes behind the README's table: six `mixnet train` runs side by side on one GPU, on the
-# data written by shrink_imagenette.py.   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR]
-# (the small-data recipe of the time had lr_base 0.01, RandAugment 2 ops m5 std 0.5, train 128 / eval 160:
-# the "base" probe sets those explicitly, so the table stays reproducible after the recipe changed).
+# The GPU probes behind the README's tables: `mixnet train` runs side by side on one GPU, on the data
+# written by shrink_imagenette.py.
+#   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR] [recipe | stage2 STAGE1_WEIGHTS]
+# recipe: six 30-epoch variants from random weights. The small-data recipe of the time had lr_base 0.01,
+#   RandAugment 2 ops m5 std 0.5, train 128 / eval 160: the probes set those explicitly, so the table stays
+#   reproducible after the recipe changed.
+# stage2: four 44-epoch second cycles from the stage-1 default model, STAGE1_WEIGHTS: the file shipped
+#   before the second cycle, `git show b5d7e41:src/mixnet/weights/mixnet_s.imagenette.safetensors > FILE`.
 set -u
-DATA=$1; OUT=${2:-/tmp/probe-runs}
-common="--recipe small-data --data $DATA --epochs 30 --eval-every 5 --eval-crop-pct 1.0 --eval-size 160
-  --device cuda --workers 2 --threads 1 --checkpoint-minutes 0 --no-progress --max-minutes 7.3"
-old="--lr-base 0.01 --randaugment-ops 2 --randaugment-magnitude 5 --randaugment-std 0.5 --train-size 128"
+DATA=$1; OUT=${2:-/tmp/probe-runs}; SET=${3:-recipe}
+common="--recipe small-data --data $DATA --eval-crop-pct 1.0 --device cuda --threads 1 --checkpoint-minutes 0
+  --no-progress"
 declare -A P
-P[base]="$old"
-P[lr3]="$old --lr-base 0.03"
-P[lr3_nora]="$old --lr-base 0.03 --randaugment-ops 0"
-P[lr3_lightreg]="$old --lr-base 0.03 --drop-rate 0.1 --drop-path-rate 0 --weight-decay 0.01"
-P[sgd]="$old --opt sgd --lr-base 0.4 --weight-decay 5e-5"
-P[lr3_112]="$old --lr-base 0.03 --train-size 112"
+if [ "$SET" = recipe ]; then
+  common="$common --epochs 30 --eval-every 5 --eval-size 160 --workers 2 --max-minutes 7.3"
+  old="--lr-base 0.01 --randaugment-ops 2 --randaugment-magnitude 5 --randaugment-std 0.5 --train-size 128"
+  P[base]="$old"
+  P[lr3]="$old --lr-base 0.03"
+  P[lr3_nora]="$old --lr-base 0.03 --randaugment-ops 0"
+  P[lr3_lightreg]="$old --lr-base 0.03 --drop-rate 0.1 --drop-path-rate 0 --weight-decay 0.01"
+  P[sgd]="$old --opt sgd --lr-base 0.4 --weight-decay 5e-5"
+  P[lr3_112]="$old --lr-base 0.03 --train-size 112"
+else
+  common="$common --epochs 44 --eval-every 4 --workers 3 --max-minutes 8 --warmup-epochs 1
+    --pretrained $4"
+  P[lr15]="--lr-base 0.015"
+  P[lr15_mix]="--lr-base 0.015 --mixup 0.2 --cutmix 1.0 --mix-prob 0.5"
+  P[lr30]="--lr-base 0.03"
+  P[lr075]="--lr-base 0.0075"
+fi
 pids=()
 for name in "${!P[@]}"; do
   python3 -m mixnet train $common ${P[$name]} --output "$OUT/$name" > "$OUT.$name.log" 2>&1 &

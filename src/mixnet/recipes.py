@@ -161,6 +161,19 @@ def _model_arg(text: str) -> Tuple[str, Any]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
+# Option groups of ``mixnet train -h``: the first field of each group, in TrainConfig's order.
+_GROUPS = {"model": "model and data", "epochs": "optimisation", "train_size": "augmentation and resolution",
+           "ema": "weight EMA", "amp": "precision and system"}
+
+
+def _option_help(name: str, default: Any) -> str:
+    """The generic default and where a recipe differs from it, so ``-h`` shows what a recipe will use."""
+    shown = "none" if default is None else default
+    by_recipe = [f"{r}: {values[name]}" for r, values in RECIPES.items()
+                 if name in values and values[name] != default]
+    return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "")
+
+
 def add_arguments(parser) -> None:
     """One ``--option`` per ``TrainConfig`` field (``--no-option`` for booleans), all defaulting to
     "not given", so the recipe's value stands unless overridden."""
@@ -170,28 +183,18 @@ def add_arguments(parser) -> None:
                         metavar="KEY=VALUE", help="architecture override for create_model, e.g. "
                                                   "width_multiplier=0.5 (repeatable)")
     defaults = TrainConfig()
+    group = parser
     for f in dataclasses.fields(TrainConfig):
+        if f.name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[f.name])
         if f.name in _NOT_OPTIONS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        shown = f"default: {default}" if default is not None else "default: none"
+        shown = _option_help(f.name, getattr(defaults, f.name))
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=shown)
-            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            group.add_argument(flag, action="store_true", default=None, help=shown)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif f.type.startswith("Tuple"):
-            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=shown)
+            group.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=shown)
         else:
-            parser.add_argument(flag, type=_PARSERS[f.type], default=None, help=shown)
-
-
-def overrides_from_args(args) -> Dict[str, Any]:
-    """The settings given on the command line (those left out keep the recipe's values)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if "model_args" in overrides:
-        overrides["model_args"] = dict(overrides["model_args"])
-    for k in ("scale", "ratio"):
-        if k in overrides:
-            overrides[k] = tuple(overrides[k])
-    return overrides
+            group.add_argument(flag, type=_PARSERS[f.type], default=None, help=shown)

@@ -278,7 +278,8 @@ def _write_metrics(run_dir: Path, history: List[Dict[str, Any]]) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
 
 
-def _write_curves(run_dir: Path, history: List[Dict[str, Any]]) -> None:
+def write_curves(path: Path, history: List[Dict[str, Any]], marks: Tuple[float, ...] = ()) -> None:
+    """Loss and accuracy against epoch as a PNG; ``marks``: epochs to draw a dashed line at (stage ends)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,13 +300,15 @@ def _write_curves(run_dir: Path, history: List[Dict[str, Any]]) -> None:
             ax_acc.plot(*zip(*pts), label=label, marker=".")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
+        for epoch in marks:
+            ax.axvline(epoch, color="grey", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    with atomic_write(run_dir / "curves.png") as f:
+    with atomic_write(path) as f:
         f.write(buf.getvalue())
 
 
@@ -670,7 +673,7 @@ class _Trainer:
         self.save(best=improved)
         if rt.is_main:
             _write_metrics(self.run_dir, self.history)
-            _write_curves(self.run_dir, self.history)
+            write_curves(self.run_dir / "curves.png", self.history)
         return row
 
     def export_final(self) -> Path:
