@@ -198,3 +198,15 @@ def add_arguments(parser) -> None:
             group.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=shown)
         else:
             group.add_argument(flag, type=_PARSERS[f.type], default=None, help=shown)
+
+
+def overrides_from_args(args) -> Dict[str, Any]:
+    """The settings given on the command line (those left out keep the recipe's values)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "model_args" in overrides:
+        overrides["model_args"] = dict(overrides["model_args"])
+    for k in ("scale", "ratio"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return overrides
