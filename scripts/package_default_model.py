@@ -6,9 +6,9 @@ Writes ``src/mixnet/weights/mixnet_s.imagenette.safetensors`` (fp16: half the si
 loader casts back to fp32) and its ``.json`` hub config, with the run's evaluation size and readable
 class names, and prints the sha256 to register in ``mixnet.weights.WEIGHTS``. Also draws the training
 curve into ``docs/imagenette-curves.png``: when the run started from another run's final model
-(``--pretrained RUN/final/...``), that run's epochs come first, so the figure shows the whole training. The run's class folders
-are ImageNet wnids; the shipped names are ImageNet's readable names for them, from which ``validate``
-maps the wnid folders back.
+(``--pretrained RUN/final/...``), that run's epochs come first, so the figure shows the whole training.
+The run's class folders are ImageNet wnids; the shipped names are ImageNet's readable names for them,
+from which ``validate`` maps the wnid folders back.
 """
 
 from __future__ import annotations

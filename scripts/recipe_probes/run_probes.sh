@@ -1,11 +1,13 @@
 # The GPU probes behind the README's tables: `mixnet train` runs side by side on one GPU, on the data
 # written by shrink_imagenette.py.
-#   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR] [recipe | stage2 STAGE1_WEIGHTS]
+#   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR] [recipe | stage2 STAGE1_DIR]
 # recipe: six 30-epoch variants from random weights. The small-data recipe of the time had lr_base 0.01,
 #   RandAugment 2 ops m5 std 0.5, train 128 / eval 160: the probes set those explicitly, so the table stays
 #   reproducible after the recipe changed.
-# stage2: four 44-epoch second cycles from the stage-1 default model, STAGE1_WEIGHTS: the file shipped
-#   before the second cycle, `git show b5d7e41:src/mixnet/weights/mixnet_s.imagenette.safetensors > FILE`.
+# stage2: the stage-1 default model's score on the val subset, then four 44-epoch second cycles from it.
+#   STAGE1_DIR: the model shipped before the second cycle as a hub folder, made by
+#   git show b5d7e41:src/mixnet/weights/mixnet_s.imagenette.safetensors > STAGE1_DIR/model.safetensors
+#   git show b5d7e41:src/mixnet/weights/mixnet_s.imagenette.json > STAGE1_DIR/config.json
 set -u
 DATA=$1; OUT=${2:-/tmp/probe-runs}; SET=${3:-recipe}
 common="--recipe small-data --data $DATA --eval-crop-pct 1.0 --device cuda --threads 1 --checkpoint-minutes 0
@@ -21,6 +23,9 @@ if [ "$SET" = recipe ]; then
   P[sgd]="$old --opt sgd --lr-base 0.4 --weight-decay 5e-5"
   P[lr3_112]="$old --lr-base 0.03 --train-size 112"
 else
+  # the probes evaluate at crop 1.0 (val is pre-cropped): score stage 1 the same way
+  python3 -c "import sys, mixnet; m = mixnet.load_model(sys.argv[1]); m.pretrained_cfg['crop_pct'] = 1.0
+print('stage 1:', mixnet.validate(m, sys.argv[2], workers=2, progress=False).summary())" "$4" "$DATA/val"
   common="$common --epochs 44 --eval-every 4 --workers 3 --max-minutes 8 --warmup-epochs 1
     --pretrained $4"
   P[lr15]="--lr-base 0.015"
