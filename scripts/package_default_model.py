@@ -6,7 +6,7 @@ Writes ``src/mixnet/weights/mixnet_s.imagenette.safetensors`` (fp16: half the si
 loader casts back to fp32) and its ``.json`` hub config, with the run's evaluation size and readable
 class names, and prints the sha256 to register in ``mixnet.weights.WEIGHTS``. Also draws the training
 curve into ``docs/imagenette-curves.png``: when the run started from another run's final model
-(``--pretrained RUN/final/...``), that run's epochs come first, so the figure shows the whole training.
+(``--pretrained RUN/last.pth`` or ``RUN/final/...``), that run's epochs come first, so the figure shows the whole training.
 The run's class folders are ImageNet wnids; the shipped names are ImageNet's readable names for them,
 from which ``validate`` maps the wnid folders back.
 """
@@ -35,8 +35,11 @@ def training_stages(state) -> list:
     """The checkpoint's state, preceded by those of the runs it was started from (oldest first)."""
     stages = [state]
     while stages[0]["config"].get("pretrained"):
-        previous_run = Path(stages[0]["config"]["pretrained"]).parent.parent  # RUN/final/model.safetensors
-        if not (previous_run / LAST).is_file():
+        # RUN/last.pth, RUN/final/model.safetensors or another folder inside RUN: the run is the
+        # nearest folder above that holds a training checkpoint
+        started_from = Path(stages[0]["config"]["pretrained"])
+        previous_run = next((d for d in started_from.parents[:2] if (d / LAST).is_file()), None)
+        if previous_run is None:
             break  # started from published or foreign weights: nothing more to draw
         stages.insert(0, load_checkpoint(previous_run / LAST))
     return stages
