@@ -5,8 +5,9 @@
 Writes ``src/mixnet/weights/mixnet_s.imagenette.safetensors`` (fp16: half the size, same answers; the
 loader casts back to fp32) and its ``.json`` hub config, with the run's evaluation size and readable
 class names, and prints the sha256 to register in ``mixnet.weights.WEIGHTS``. Also draws the training
-curve into ``docs/imagenette-curves.png``: when the run started from another run's final model
-(``--pretrained RUN/last.pth`` or ``RUN/final/...``), that run's epochs come first, so the figure shows the whole training.
+curve into ``docs/imagenette-curves.png``: when the run started from another run's weights
+(``--pretrained RUN/last.pth`` or ``RUN/final/...``), that run's epochs come first, so the figure shows
+the whole training.
 The run's class folders are ImageNet wnids; the shipped names are ImageNet's readable names for them,
 from which ``validate`` maps the wnid folders back.
 """
@@ -36,7 +37,7 @@ def training_stages(state) -> list:
     stages = [state]
     while stages[0]["config"].get("pretrained"):
         # RUN/last.pth, RUN/final/model.safetensors or another folder inside RUN: the run is the
-        # nearest folder above that holds a training checkpoint
+        # file's folder or the one above it, whichever holds a training checkpoint
         started_from = Path(stages[0]["config"]["pretrained"])
         previous_run = next((d for d in started_from.parents[:2] if (d / LAST).is_file()), None)
         if previous_run is None:

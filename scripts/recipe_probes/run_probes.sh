@@ -1,6 +1,7 @@
 # The GPU probes behind the README's tables: `mixnet train` runs side by side on one GPU, on the data
 # written by shrink_imagenette.py.
-#   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR] [recipe | stage2 PREV_DIR | stage3 PREV_DIR]
+#   Usage: bash scripts/recipe_probes/run_probes.sh DATA_DIR [OUT_DIR]
+#          [recipe | stage2 PREV_DIR | stage3 PREV_DIR]
 # recipe: six 30-epoch variants from random weights. The small-data recipe of the time had lr_base 0.01,
 #   RandAugment 2 ops m5 std 0.5, train 128 / eval 160: the probes set those explicitly, so the table stays
 #   reproducible after the recipe changed.
@@ -31,7 +32,8 @@ else
 for size in map(int, sys.argv[3:]):
     m = mixnet.load_model(sys.argv[1])
     m.pretrained_cfg.update(crop_pct=1.0, input_size=(3, size, size))
-    print('previous stage at', size, 'px:', mixnet.validate(m, sys.argv[2], workers=2, progress=False).summary())
+    report = mixnet.validate(m, sys.argv[2], workers=2, progress=False)
+    print('previous stage at', size, 'px:', report.summary())
 " "$4" "$DATA/val" 144 $([ "$SET" = stage3 ] && echo 160)
   common="$common --workers 3 --warmup-epochs 1 --pretrained $4"
   if [ "$SET" = stage2 ]; then
