@@ -72,6 +72,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights file, hub folder, run directory or tag")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="image loading processes (default: %(default)s)")
+    add_backend_arguments(p)
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``inference_model`` that choose how the network runs (predict, validate, serve)."""
     p.add_argument("--fast", action="store_true", help="run the inference form (batch norm folded, MixConvs "
                                                        "merged, channels_last); same outputs to 1e-4")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
@@ -133,6 +138,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for f in result.failures:
         print(f"mixnet validate: failed: {f['path']}: {f['problem']}", file=sys.stderr)
     return 1 if result.failures else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import serve  # a one-line error naming the pip extra when it is missing
+
+    args.model, args.weights = args.source, None  # what inference_model reads, as predict --model gives it
+    return serve(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -268,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch/onnxruntime threads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("serve", help="predictions over HTTP (POST /predict), with a page to try it at /")
+    p.add_argument("source", nargs="?", metavar="MODEL|RUN_DIR|FILE",
+                   help="architecture, weights tag, training run, hub folder or weights file (default: the "
+                        "built-in mixnet_s.imagenette)")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only), 0.0.0.0 or :: "
+                                                       "(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--max-batch-size", type=positive_int, default=16, metavar="N",
+                   help="requests classified together (1: no batching; default: %(default)s)")
+    p.add_argument("--batch-timeout-ms", type=float, default=10, metavar="MS",
+                   help="longest wait for a batch to fill (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="inference processes, each with its own copy of the model (default: %(default)s)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes per answer (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=20, metavar="MB",
+                   help="largest upload accepted (default: %(default)s)")
+    add_backend_arguments(p)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
+                   help="server log; info logs every request (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     from .recipes import add_arguments as add_train_arguments
 

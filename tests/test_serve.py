@@ -1,0 +1,264 @@
+"""`mixnet serve`: answers equal mixnet.predict's, hostile input gets a 4xx JSON error and the service goes on,
+concurrent requests all succeed, metrics, /info, the page, a clean stop and a taken port.
+
+One server (a subprocess on a free loopback port) serves the module; the shutdown test starts its own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import mixnet
+from conftest import HEAVY
+from serve_process import EXAMPLES, running_server
+
+pytestmark = HEAVY
+
+MAX_BODY_MB = 1  # small, so that the oversized upload is cheap to send
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve"), "--max-batch-size", "8", "--batch-timeout-ms", "50",
+                        "--max-body-mb", str(MAX_BODY_MB)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """mixnet.predict's answers for the example photos, in process, with the same default model."""
+    model = mixnet.load_model(mixnet.DEFAULT_TAG).eval()
+    return {p.source: p for p in mixnet.predict(model, EXAMPLES, topk=5)}
+
+
+def multipart(fields: dict, boundary: str = "mixnet-test-boundary") -> tuple:
+    """``(body, content_type)``; ``fields`` maps a name to ``(filename or None, bytes)``."""
+    parts = []
+    for name, (filename, data) in fields.items():
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but holds almost no data: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def metric_samples(server) -> dict:
+    """``{(name, frozenset(labels)): value}`` from /metrics."""
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def assert_same_predictions(answer: dict, expected_prediction) -> None:
+    assert answer["model"] == mixnet.DEFAULT_TAG
+    got = answer["predictions"]
+    assert [(p["label"], p["index"]) for p in got] == [(s.name, s.index) for s in expected_prediction.top]
+    # a different batch size may change the last float bits of a convolution, nothing more
+    assert [p["probability"] for p in got] == pytest.approx([s.probability for s in expected_prediction.top],
+                                                             abs=1e-5)
+
+
+def assert_served_normally(server, expected) -> None:
+    assert server.health() == 200
+    status, answer = server.post_image(EXAMPLES[0].read_bytes())
+    assert status == 200
+    assert_same_predictions(answer, expected[str(EXAMPLES[0])])
+
+
+def test_health_answers_503_while_the_model_loads_and_200_once_it_is_warmed(server):
+    assert 503 in server.health_codes
+    assert server.health_codes[-1] == 200
+
+
+@pytest.mark.parametrize("form", ["raw body", "multipart field file"])
+def test_answers_for_the_example_photos_equal_mixnet_predict(server, expected, form):
+    for path in EXAMPLES:
+        data = path.read_bytes()
+        if form == "raw body":
+            status, answer = server.post_image(data, "image/jpeg")
+        else:
+            status, answer = server.post_image(*multipart({"file": (path.name, data)}))
+        assert status == 200, answer
+        assert_same_predictions(answer, expected[str(path)])
+
+
+TENCH = EXAMPLES[-1].read_bytes()
+NO_FILE_FIELD, NO_FILE_FIELD_TYPE = multipart({"photo": ("tench.jpg", TENCH)})
+HOSTILE = {
+    # name: (method, path, body, headers, status, words the error must contain)
+    "not an image": ("POST", "/predict", b"hello, this is text", {"Content-Type": "image/png"}, 415, "not an image"),
+    "empty body": ("POST", "/predict", b"", {"Content-Type": "image/jpeg"}, 400, "empty"),
+    "truncated file": ("POST", "/predict", TENCH[: len(TENCH) // 2], {"Content-Type": "image/jpeg"}, 400, "truncated"),
+    "decompression bomb": ("POST", "/predict", png_header(30000, 30000), {"Content-Type": "image/png"}, 413,
+                           "pixels"),
+    "body over the size limit": ("POST", "/predict", b"\xff" * (MAX_BODY_MB * 2**20 + 1),
+                                 {"Content-Type": "image/jpeg"}, 413, "limit"),
+    "body over the size limit, chunked": ("POST", "/predict", [b"\xff" * 2**16] * (MAX_BODY_MB * 16 + 1),
+                                          {"Content-Type": "image/jpeg"}, 413, "limit"),
+    "wrong method": ("GET", "/predict", None, {}, 405, "GET"),
+    "wrong method, PUT": ("PUT", "/predict", TENCH, {"Content-Type": "image/jpeg"}, 405, "PUT"),
+    "wrong content type": ("POST", "/predict", b'{"image": "tench.jpg"}', {"Content-Type": "application/json"},
+                           415, "application/json"),
+    "no content type": ("POST", "/predict", TENCH, {"Content-Type": ""}, 415, "content type"),
+    "multipart without a file field": ("POST", "/predict", NO_FILE_FIELD, {"Content-Type": NO_FILE_FIELD_TYPE}, 400,
+                                       "'file'"),
+    "malformed multipart": ("POST", "/predict", b"--x\r\nnonsense", {"Content-Type": "multipart/form-data"}, 400,
+                            "multipart"),
+    "unknown endpoint": ("GET", "/admin", None, {}, 404, "/admin"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_each_hostile_input_gets_its_4xx_json_error_and_the_service_goes_on(server, expected, case):
+    method, path, body, headers, expected_status, words = HOSTILE[case]
+    status, response_headers, raw = server.request(method, path, body, headers)
+    assert status == expected_status, raw
+    assert response_headers["content-type"] == "application/json"
+    answer = json.loads(raw)
+    assert list(answer) == ["error"] and words in answer["error"]
+    assert "Traceback" not in answer["error"]
+    assert_served_normally(server, expected)
+
+
+def test_a_malformed_http_request_is_refused_by_uvicorn_and_the_service_goes_on(server, expected):
+    # uvicorn's HTTP parser answers these itself (plain text), before the application sees them
+    status, _, raw = server.request("POST", "/predict", TENCH, {"Content-Type": "image/jpeg", "Content-Length": "-5"})
+    assert status == 400 and b"Traceback" not in raw
+    assert_served_normally(server, expected)
+
+
+def test_a_client_that_disconnects_mid_upload_is_counted_and_the_service_goes_on(server, expected):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        s.sendall(TENCH[:1000])
+    key = ("mixnet_serve_errors_total", frozenset({("kind", "client_disconnected")}))
+    deadline = time.monotonic() + 30
+    while metric_samples(server).get(key, 0) < 1:
+        assert time.monotonic() < deadline, "the disconnect was never counted"
+        time.sleep(0.1)
+    assert_served_normally(server, expected)
+
+
+def test_urls_sent_by_clients_are_never_fetched(server):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/photo.jpg".encode()
+        attempts = [(url, "image/jpeg"), (url, "text/uri-list"), (b'{"url": "%s"}' % url, "application/json"),
+                    multipart({"file": (None, url)}), multipart({"url": (None, url)})]
+        for body, content_type in attempts:
+            status, _ = server.post_image(body, content_type)
+            assert 400 <= status < 500
+        listener.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nobody came for the URL
+
+
+def test_64_concurrent_requests_from_16_threads_all_succeed_and_are_batched(server, expected):
+    before = metric_samples(server)
+    photos = [EXAMPLES[i % len(EXAMPLES)] for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: server.post_image(p.read_bytes()), photos))
+    for path, (status, answer) in zip(photos, results):
+        assert status == 200, answer
+        assert_same_predictions(answer, expected[str(path)])
+    after = metric_samples(server)
+    images = after[("mixnet_serve_batch_size_sum", frozenset())] - before[("mixnet_serve_batch_size_sum", frozenset())]
+    batches = (after[("mixnet_serve_batch_size_count", frozenset())]
+               - before[("mixnet_serve_batch_size_count", frozenset())])
+    assert images == 64 and batches < 64  # some requests shared a batch
+
+
+def test_metrics_count_requests_errors_by_kind_and_latency(server):
+    before = metric_samples(server)
+    server.post_image(TENCH)
+    server.post_image(b"", "image/jpeg")
+    after = metric_samples(server)
+
+    def grew(name, **labels):
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("mixnet_serve_requests_total", endpoint="/predict", code="200") == 1
+    assert grew("mixnet_serve_requests_total", endpoint="/predict", code="400") == 1
+    assert grew("mixnet_serve_errors_total", kind="empty_body") == 1
+    assert grew("mixnet_serve_predict_latency_seconds_count") == 2
+    assert grew("mixnet_serve_predict_latency_seconds_sum") > 0
+
+
+def test_info_gives_the_model_card_and_its_preprocessing(server):
+    from mixnet.info import model_card
+
+    status, _, body = server.request("GET", "/info")
+    info = json.loads(body)
+    assert status == 200 and info["model"] == mixnet.DEFAULT_TAG
+    assert info["card"] == json.loads(json.dumps(model_card("mixnet_s")))  # what `mixnet info --json` prints
+    # the built-in model's weights are evaluated at 176 px: resize to floor(176 / 0.875) = 201, crop 176
+    assert info["preprocessing"] == dict(input_size=[3, 176, 176], resize_size=201, crop_size=176, crop_pct=0.875,
+                                         interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert info["classes"][0] == "tench" and len(info["classes"]) == 10
+    assert info["serving"]["max_batch_size"] == 8
+
+
+def test_the_page_is_served_at_the_root_and_loads_nothing_from_elsewhere(server):
+    status, headers, body = server.request("GET", "/")
+    page = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert 'fetch("/predict"' in page and 'type="file"' in page
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page
+
+
+def test_a_taken_port_is_a_one_line_error_with_exit_code_2(server):
+    result = subprocess.run([sys.executable, "-m", "mixnet", "serve", "--port", str(server.port)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"127.0.0.1:{server.port}" in result.stderr
+    assert "in use" in result.stderr
+
+
+def test_a_missing_serve_extra_is_a_one_line_error_naming_the_pip_command():
+    code = ("import sys; sys.modules['litserve'] = None; from mixnet.cli import main; "
+            "sys.exit(main(['serve']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and 'pip install "mixnet[serve]"' in result.stderr
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_stops_every_process(tmp_path):
+    # a long batch timeout holds the requests inside the server when the signal arrives
+    with running_server(tmp_path, "--max-batch-size", "64", "--batch-timeout-ms", "1500") as s:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(s.post_image(TENCH)[0])) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert s.stop() == 0
+        for t in threads:
+            t.join(60)
+        assert results == [200] * 6
+        # start_new_session made the server's pid its session id: nothing of that session may be left
+        # (multiprocessing's resource tracker ends by itself a moment after the main process)
+        deadline = time.monotonic() + 30
+        while left := subprocess.run(["ps", "-o", "pid=,args=", "-s", str(s.proc.pid)], capture_output=True,
+                                     text=True).stdout.strip():
+            assert time.monotonic() < deadline, f"still running after the server stopped: {left}"
+            time.sleep(0.2)
