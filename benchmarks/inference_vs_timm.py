@@ -1,6 +1,6 @@
 """Inference images/s of our MixNet paths against timm's, side by side in one process (see RESULTS.md).
 
-Runs ``mixnet.benchmark.run_benchmark`` (interleaved rounds, medians) for the issue's configurations and
+Runs ``mixnet.deploy.benchmark.run_benchmark`` (interleaved rounds, medians) for the issue's configurations and
 prints a Markdown table with the ratios ours / timm, ready to paste into benchmarks/RESULTS.md.
 
     python benchmarks/inference_vs_timm.py                       # mixnet_s and mixnet_l, batch 1 and 32
@@ -16,7 +16,7 @@ import platform
 
 import torch
 
-from mixnet.benchmark import INFER_PATHS, ratios, run_benchmark, to_json
+from mixnet.deploy.benchmark import INFER_PATHS, ratios, run_benchmark, to_json
 from mixnet.fileio import atomic_write
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mixnet import TrainConfig, create_model
-from mixnet.optim import ModelEma, create_optimizer
+from mixnet.training.optimizers import ModelEma, create_optimizer
 
 
 def make_step(model, config: TrainConfig, channels_last: bool, amp: str):
@@ -77,8 +77,8 @@ def time_loader(args) -> float:
     """Images/s of the training data pipeline alone (decode + augmentation), as ``mixnet train`` runs it."""
     from torch.utils.data import DataLoader
 
-    from mixnet.data import LabelledImageFolder, build_train_transform, collate
-    from mixnet.training import EpochSampler, SeededSamples
+    from mixnet.data.images import LabelledImageFolder, build_train_transform, collate
+    from mixnet.training.sampling import EpochSampler, SeededSamples
 
     config = TrainConfig.from_recipe(args.recipe)
     transform = build_train_transform(args.size, scale=config.scale, randaugment_ops=config.randaugment_ops,

@@ -19,7 +19,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 50, 210)}
 INPUT_SIZE = 64  # small inputs keep the tests fast; solid colours look the same at any size
 
 
-def make_colour_model():
+def make_colour_model(margin: float = 10.0):
+    """``margin``: how many logits each colour's own class leads by. The default 10 gives near-certain
+    answers; a small margin gives probabilities far from 0 and 1, where a wrong computation shows."""
     torch.manual_seed(0)
     model = create_model("mixnet_s", num_classes=len(COLOURS)).eval()
     model.pretrained_cfg.update(input_size=(3, INPUT_SIZE, INPUT_SIZE), class_names=list(COLOURS))
@@ -29,8 +31,8 @@ def make_colour_model():
                          for rgb in COLOURS.values()]).expand(-1, 3, INPUT_SIZE, INPUT_SIZE)
     with torch.no_grad():
         features = model.forward_head(model.forward_features(solid), pre_logits=True)  # (3, 1536)
-        # W @ f_k = 10 e_k: each colour's own class leads by a margin of 10 logits.
-        model.classifier.weight.copy_(10 * torch.linalg.pinv(features.T.double()).float())
+        # W @ f_k = margin e_k: each colour's own class leads by ``margin`` logits.
+        model.classifier.weight.copy_(margin * torch.linalg.pinv(features.T.double()).float())
         model.classifier.bias.zero_()
         assert model(solid).argmax(1).tolist() == list(range(len(COLOURS)))
     return model

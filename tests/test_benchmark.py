@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from mixnet.benchmark import default_paths, format_table, randomize_batchnorm, ratios, run_benchmark
+from mixnet.deploy.benchmark import (build_train_step, default_paths, format_table, randomize_batchnorm, ratios,
+                                     run_benchmark)
 from mixnet.cli import main
 from mixnet.errors import MixNetError
-from mixnet.model import create_model
+from mixnet.factory import create_model
 
 SMOKE = dict(image_size=64, warmup=0, repeats=2, show_progress=False)
 
@@ -29,6 +30,12 @@ def test_inference_smoke_measures_every_path_and_compares_with_timm():
 def test_training_step_smoke_updates_weights():
     results = run_benchmark(["mixnet_s"], [2], ["mixnet"], train=True, **SMOKE)
     assert results[0].mode == "train" and results[0].images_per_s > 0
+    # the timed step is a real training step: repeated on one batch, it fits that batch
+    torch.manual_seed(0)
+    step = build_train_step("mixnet", create_model("mixnet_s"), "mixnet_s", batch_size=2)
+    x = torch.randn(2, 3, 64, 64)
+    losses = [float(step(x)) for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_flags_choose_paths():

@@ -12,18 +12,27 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mixnet import create_model
-from mixnet.data import (ImageList, ImageLoadError, LabelledImageFolder, FailedSample, build_eval_transform,
+from mixnet.data.images import (ImageList, ImageLoadError, LabelledImageFolder, FailedSample, build_eval_transform,
                          collate, list_image_files, load_image)
 from mixnet.errors import MixNetError
 
-timm = pytest.importorskip("timm")
-from timm.data import create_transform, resolve_data_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def timm_transform():
+def timm_data():
+    """timm's data module, the oracle for the transform (only the parity tests need timm)."""
+    pytest.importorskip("timm")
+    import timm.data
+
+    return timm.data
+
+
+@pytest.fixture(scope="module")
+def timm_transform(timm_data):
+    import timm
+
     model = timm.create_model("mixnet_s", pretrained=False)
-    return create_transform(**resolve_data_config({}, model=model))
+    return timm_data.create_transform(**timm_data.resolve_data_config({}, model=model))
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +64,49 @@ def test_eval_transform_matches_timm_for_any_size(size, timm_transform, our_tran
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
+def expected_rgb(img: Image.Image) -> np.ndarray:
+    """The 8-bit RGB pixels of ``img`` computed with numpy from its raw values, independently of the
+    loader: grey repeated, palette looked up, 16-bit grey divided by 257, bilevel to 0/255, CMYK (black
+    0 here) inverted; alpha is opaque in these images."""
+    raw = np.asarray(img)
+    if img.mode in ("L", "LA"):
+        grey = raw if img.mode == "L" else raw[..., 0]
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if img.mode.startswith("I;16"):
+        return np.repeat(np.rint(raw / 257.0).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "1":
+        return np.repeat(np.where(raw, 255, 0).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "P":
+        return np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)[raw]
+    if img.mode == "CMYK":
+        assert not raw[..., 3].any()
+        return 255 - raw[..., :3]
+    return raw[..., :3]  # RGB, RGBA
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB"])
-def test_eval_transform_matches_timm_after_loading_any_mode(tmp_path, mode, timm_transform, our_transform):
+def test_loading_any_mode_gives_the_expected_rgb_pixels(tmp_path, mode):
     rgb = Image.fromarray(photo_like(320, 240, seed=3))
     if mode == "I;16":
         img = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
         assert img.mode.startswith("I;16")
-    elif mode == "LA":
-        img = rgb.convert("LA")
     else:
         img = rgb.convert(mode)
     path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
     img.save(path)
+    expected = expected_rgb(Image.open(path))  # what was written, as read back raw
     loaded = load_image(path)
     assert loaded.mode == "RGB" and loaded.size == (320, 240)
-    assert torch.allclose(our_transform(loaded), timm_transform(loaded), atol=1e-6, rtol=0)
+    assert np.array_equal(np.asarray(loaded), expected)
+    if mode in ("RGB", "RGBA", "CMYK"):  # lossless colour modes: the photo itself
+        assert np.array_equal(expected, np.asarray(rgb))
 
 
-def test_eval_transform_uses_config_fields():
+def test_eval_transform_uses_config_fields(timm_data):
     cfg = dict(input_size=(3, 128, 128), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
                std=(0.5, 0.5, 0.5))
     ours = build_eval_transform(cfg)
-    theirs = create_transform(input_size=(3, 128, 128), crop_pct=1.0, interpolation="bilinear",
+    theirs = timm_data.create_transform(input_size=(3, 128, 128), crop_pct=1.0, interpolation="bilinear",
                               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     img = Image.fromarray(photo_like(200, 150))
     assert torch.allclose(ours(img), theirs(img), atol=1e-6, rtol=0)

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 import mixnet
+from conftest import HEAVY, shared_data
 from mixnet.cli import main
-from mixnet.weights import DEFAULT_TAG, WEIGHTS
+from mixnet.pretrained.registry import DEFAULT_TAG, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENETTE_VAL = ROOT / ".." / "shared" / "data" / "imagenette2-224" / "val"
 
 # The class of each shipped example photo, known from the Imagenette folder it was copied from.
 EXAMPLES = {"tench.jpg": "tench", "english_springer.jpg": "English springer", "church.jpg": "church",
@@ -39,10 +39,11 @@ def test_predict_without_a_model_uses_the_default(capsys):
     assert '"church"' in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not IMAGENETTE_VAL.is_dir(), reason="../shared/data/imagenette2-224 not present")
+@HEAVY
 def test_validate_reproduces_the_registered_imagenette_accuracy(model):
     entry = WEIGHTS[DEFAULT_TAG]
-    report = mixnet.validate(model, IMAGENETTE_VAL, batch_size=64, workers=2, progress=False)
+    report = mixnet.validate(model, shared_data("imagenette2-224", "val"), batch_size=64, workers=2,
+                             progress=False)
     # Thread counts change float rounding, which may flip a borderline image: allow one image (0.03%).
     assert abs(report.top1 - entry.top1) <= 0.03
     assert abs(report.top5 - entry.top5) <= 0.03

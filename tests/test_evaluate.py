@@ -1,21 +1,19 @@
-"""mixnet.evaluate.validate and `mixnet validate`: known accuracies, folder-to-class mapping, timm parity."""
+"""mixnet.inference.validate.validate and `mixnet validate`: known accuracies, folder-to-class mapping, timm parity."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from colour_model import write_colour_image
+from conftest import counting, shared_data
 from mixnet import create_model
 from mixnet.cli import main
 from mixnet.errors import MixNetError
-from mixnet.evaluate import map_folders_to_classes, validate
-from mixnet.imagenet import imagenet_class_names, imagenet_wnids
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from mixnet.inference.validate import map_folders_to_classes, validate
+from mixnet.data.imagenet import imagenet_class_names, imagenet_wnids
 
 
 @pytest.fixture
@@ -64,6 +62,53 @@ def test_cli_validate_json_out_and_exit_code(weights_dir, labelled, tmp_path, ca
     out, _ = capsys.readouterr()
     assert rc == 0
     assert json.loads(out[out.index("{"):])["num_failed"] == 0
+
+
+def validate_report(capsys, folder, weights, *flags) -> dict:
+    assert main(["validate", str(folder), "--weights", str(weights), "--workers", "0", "--json",
+                 *map(str, flags)]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def assert_same_report(got: dict, expected: dict):
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-4)  # every probability counts in it
+    for key in ("num_images", "top1", "top5", "confusion_matrix", "per_class_accuracy"):
+        assert got[key] == expected[key], key
+
+
+@pytest.fixture
+def readable_labelled(labelled):
+    (labelled / "blue" / "truncated.png").unlink()
+    return labelled
+
+
+def test_cli_validate_fast_runs_the_inference_form_with_the_same_report(soft_weights_dir, readable_labelled,
+                                                                        capsys, monkeypatch):
+    from mixnet.models import fusion
+
+    expected = validate_report(capsys, readable_labelled, soft_weights_dir)
+    assert 0.3 < expected["loss"] < 2  # probabilities far from 0 and 1: errors would show
+    calls = counting(monkeypatch, fusion, "optimize_for_inference")
+    got = validate_report(capsys, readable_labelled, soft_weights_dir, "--fast")
+    assert calls == ["optimize_for_inference"]
+    assert_same_report(got, expected)
+
+
+def test_cli_validate_onnxruntime_runs_the_onnx_file_given(soft_weights_dir, biased_onnx, readable_labelled,
+                                                           capsys, monkeypatch):
+    from mixnet.deploy import export
+
+    biased, onnx_file = biased_onnx
+    # The file holds the model with biased logits: eager PyTorch on that model gives the expected report.
+    expected = validate(biased, readable_labelled, progress=False).to_dict()
+    unbiased = validate_report(capsys, readable_labelled, soft_weights_dir)
+    assert abs(expected["loss"] - unbiased["loss"]) > 0.01  # 100 times the tolerance below
+    runs = counting(monkeypatch, export.OnnxRuntimeModel, "__call__")
+    got = validate_report(capsys, readable_labelled, soft_weights_dir, "--backend", "onnxruntime",
+                          "--onnx", onnx_file)
+    assert runs
+    assert_same_report(got, expected)
 
 
 def test_validate_folder_names_must_match(colour_model, weights_dir, tmp_path, capsys):
@@ -122,9 +167,7 @@ def test_validate_matches_timm_on_imagenette(tmp_path):
     from timm.utils import accuracy
     from PIL import Image
 
-    source = DATA / "imagenette2-224" / "val"
-    if not source.is_dir():
-        pytest.skip(f"{source} not available")
+    source = shared_data("imagenette2-224", "val")
     size = 128  # the same (reduced) input size on both sides keeps the test fast
     root = tmp_path / "val"
     files = []

@@ -1,25 +1,17 @@
 """Exported files (TorchScript for every variant, ONNX via onnxruntime, pt2) reproduce the eval model."""
 
-import json
-
 import pytest
 import torch
-from torch import nn
 
-from mixnet import create_model, list_models
-from mixnet.benchmark import randomize_batchnorm
+from conftest import randomized
+from mixnet import list_models
 from mixnet.cli import main
 from mixnet.errors import MixNetError
-from mixnet.export import EXPORTERS, compare_with_model, export_model, format_from_path, load_exported
+from mixnet.deploy.export import EXPORTERS, compare_with_model, export_model, format_from_path, load_exported
 
 TOLERANCE = 1e-4
 SHAPES = [(1, 3, 224, 224), (3, 3, 97, 131)]  # batch 1 at the native size; batch 3, odd, non-square
 QUICK_CHECK = [(2, 3, 64, 64)]  # the exporter's own check, kept small; the tests compare at SHAPES
-
-
-def randomized(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_batchnorm(create_model(name)).eval()
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -40,13 +32,18 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch_and_size(name, tmp_p
     assert compare_with_model(session, model, SHAPES + [(2, 3, 32, 45)], seed=5) < TOLERANCE
 
 
-def test_pt2_export_matches_eval_model(tmp_path):
-    # Loading a pt2 program is slow (tens of seconds), so this relies on the exporter's own check of the
-    # written file, which test_export_that_disagrees_fails_loudly_and_writes_nothing shows is effective.
-    model = randomized("tf_mixnet_s")
-    result = export_model(model, tmp_path / "m.pt2", check_shapes=[(3, 3, 65, 99)])
-    assert result.format == "pt2" and result.path.is_file()
-    assert result.max_diff < TOLERANCE
+def test_pt2_export_matches_eval_model_at_several_shapes(tmp_path):
+    model = randomized("tf_mixnet_s")  # "SAME" padding computed per input size: the harder graph
+    result = export_model(model, tmp_path / "m.pt2", check=False)  # no self-check: this test is the check
+    assert result.format == "pt2"
+    program = torch.export.load(str(result.path)).module()  # torch's own loader, not ours
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for shape in SHAPES + [(2, 3, 33, 40)]:  # dynamic batch and size, down to the smallest dynamic size
+            x = torch.randn(shape, generator=generator)
+            expected = model(x)
+            assert expected.abs().max() > 0.1  # logits large enough for the tolerance to mean something
+            torch.testing.assert_close(program(x), expected, rtol=0, atol=TOLERANCE)
 
 
 def test_export_that_disagrees_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
@@ -83,25 +80,6 @@ def test_cli_export_writes_a_checked_file(tmp_path, capsys):
     assert load_exported(out)(x).shape == (1, 1000)
     assert main(["export", "mixnet_q", "--random-weights", "-o", str(tmp_path / "q.ts")]) == 2
     assert "mixnet_q" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags", [["--fast"], ["--backend", "onnxruntime"]])
-def test_cli_predict_fast_and_onnxruntime_agree_with_torch(flags, weights_dir, tmp_path, capsys):
-    from colour_model import COLOURS, write_colour_image
-
-    if "onnxruntime" in flags:
-        pytest.importorskip("onnxruntime")
-    for colour in COLOURS:
-        write_colour_image(tmp_path / f"{colour}.png", colour)
-    base = ["predict", str(tmp_path), "--weights", str(weights_dir), "--topk", "3", "--json", "--workers", "0"]
-    assert main(base) == 0
-    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert main(base + flags) == 0
-    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(got) == len(expected) == len(COLOURS)
-    for g, e in zip(got, expected):
-        assert [c["index"] for c in g["top"]] == [c["index"] for c in e["top"]]
-        assert g["top"][0]["probability"] == pytest.approx(e["top"][0]["probability"], abs=1e-4)
 
 
 def test_export_check_scales_with_the_logits(tmp_path):

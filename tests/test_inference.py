@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from colour_model import COLOURS, write_colour_image
+from conftest import counting
 from mixnet.cli import main
 from mixnet.errors import MixNetError
-from mixnet.inference import class_names, predict
+from mixnet.inference.predict import class_names, predict
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_predict_restores_training_mode(colour_model, images):
 
 def test_class_names_fallbacks():
     from mixnet import create_model
-    from mixnet.imagenet import imagenet_class_names
+    from mixnet.data.imagenet import imagenet_class_names
 
     with torch.device("meta"):
         imagenet = create_model("mixnet_s")
@@ -121,3 +122,82 @@ def test_cli_predict_usage_errors(weights_dir, images, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(images), "--topk", "0"])
     assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# --fast and --backend onnxruntime: the flag takes effect and gives the same probabilities
+
+
+@pytest.fixture
+def colour_images(tmp_path):
+    return [write_colour_image(tmp_path / "in" / f"{colour}.png", colour) for colour in COLOURS]
+
+
+def cli_probabilities(capsys, files, weights, *flags):
+    """``mixnet predict --json`` run on ``files``: image name -> the probability of every class, by index."""
+    assert main(["predict", *map(str, files), "--weights", str(weights), "--topk", str(len(COLOURS)),
+                 "--json", "--workers", "0", *map(str, flags)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == len(files)
+    return {a["image"].rsplit("/", 1)[-1]: torch.tensor([p for _, p in sorted((c["index"], c["probability"])
+                                                                             for c in a["top"])])
+            for a in answers}
+
+
+def assert_same_probabilities(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4)
+
+
+def test_cli_predict_fast_runs_the_inference_form_with_the_same_probabilities(
+        soft_weights_dir, colour_images, capsys, monkeypatch):
+    from mixnet.models import fusion
+
+    expected = cli_probabilities(capsys, colour_images, soft_weights_dir)
+    assert all(0.2 < p.max() < 0.8 for p in expected.values())  # not saturated: errors would show
+    calls = counting(monkeypatch, fusion, "optimize_for_inference")
+    got = cli_probabilities(capsys, colour_images, soft_weights_dir, "--fast")
+    assert calls == ["optimize_for_inference"]
+    assert_same_probabilities(got, expected)
+
+
+def test_cli_predict_onnxruntime_exports_and_runs_onnxruntime_with_the_same_probabilities(
+        soft_weights_dir, colour_images, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from mixnet.deploy import export
+
+    expected = cli_probabilities(capsys, colour_images, soft_weights_dir)
+    exports = counting(monkeypatch, export, "export_model")
+    runs = counting(monkeypatch, export.OnnxRuntimeModel, "__call__")
+    got = cli_probabilities(capsys, colour_images, soft_weights_dir, "--backend", "onnxruntime")
+    assert exports == ["export_model"] and len(runs) >= 1
+    assert_same_probabilities(got, expected)
+
+
+def test_cli_predict_runs_the_onnx_file_given(soft_weights_dir, biased_onnx, colour_images, capsys, monkeypatch):
+    from mixnet.deploy import export
+
+    biased, onnx_file = biased_onnx
+    # The file holds a model with other logits than --weights: its answers show the file ran.
+    expected = {path.name: r.softmax(0) for path, r in zip(colour_images, logits_of(biased, colour_images))}
+    unbiased = cli_probabilities(capsys, colour_images, soft_weights_dir)
+    assert all((expected[k] - unbiased[k]).abs().max() > 0.05 for k in expected)
+    exports = counting(monkeypatch, export, "export_model")
+    got = cli_probabilities(capsys, colour_images, soft_weights_dir, "--backend", "onnxruntime",
+                            "--onnx", onnx_file)
+    assert exports == []  # the file is used as it is
+    assert_same_probabilities(got, expected)
+    assert main(["predict", str(colour_images[0]), "--weights", str(soft_weights_dir), "--onnx",
+                 str(onnx_file)]) == 2
+    assert "--onnx FILE needs --backend onnxruntime" in capsys.readouterr().err
+
+
+def logits_of(model, files):
+    """Eager PyTorch logits of image files, preprocessed by the model's own evaluation transform."""
+    from mixnet.data.images import build_eval_transform, load_image
+
+    transform = build_eval_transform(model)
+    with torch.no_grad():
+        return model.eval()(torch.stack([transform(load_image(f)) for f in files]))

@@ -12,7 +12,7 @@ from mixnet import create_model
 from mixnet.cli import main
 from mixnet.errors import MixNetError
 from mixnet.info import count_stats, model_card, model_stats, stats_cache_path
-from mixnet.weights import WEIGHTS
+from mixnet.pretrained.registry import WEIGHTS
 
 
 @pytest.fixture(autouse=True)

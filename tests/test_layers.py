@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixnet.configs import MIXNET_M_STAGES, scale_stage_depth
-from mixnet.layers import Conv2dSame, MixedConv2d, pad_same, round_channels, split_channels
+from mixnet.models.architectures import MIXNET_M_STAGES, scale_stage_depth
+from mixnet.models.layers import Conv2dSame, MixedConv2d, pad_same, round_channels, split_channels
 
 
 def test_split_gives_the_remainder_to_the_first_group():

@@ -1,14 +1,16 @@
 """The model family against the reference (timm, as test oracle) and against the published facts."""
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import mixnet
-from mixnet.benchmark import randomize_batchnorm as randomize
-from mixnet.model import MIN_INPUT_SIZE
+from conftest import randomized
+from mixnet.deploy.benchmark import randomize_batchnorm as randomize
+from mixnet.models.network import MIN_INPUT_SIZE
 
 ALL = mixnet.list_models()
 
@@ -75,7 +77,7 @@ def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
     ref_params = dict(ref.named_parameters())
     for key, p in ours.named_parameters():
         ref_grad = ref_params[key].grad
-        assert torch.allclose(p.grad, ref_grad, atol=1e-5, rtol=1e-4), key
+        assert (p.grad - ref_grad).abs().max().item() <= 1e-5, key  # the README's tolerance, absolute
     ref_buffers = dict(ref.named_buffers())
     for key, b in ours.named_buffers():
         assert torch.allclose(b.float(), ref_buffers[key].float(), atol=1e-6), key
@@ -102,12 +104,21 @@ def test_feature_maps_match_timm(name):
         assert (f - r).abs().max().item() <= 1e-5
 
 
-def test_out_indices_select_feature_maps():
-    model = mixnet.create_model("mixnet_s", features_only=True, out_indices=(1, 4)).eval()
-    assert model.feature_info.channels() == [24, 200]
-    assert model.feature_info.reduction() == [4, 32]
-    feats = model(torch.randn(1, 3, 64, 64))
-    assert [f.shape[1] for f in feats] == [24, 200]
+@pytest.mark.parametrize("name, out_indices", [("mixnet_s", (1, 4)), ("tf_mixnet_m", (0, 2, 3))])
+def test_out_indices_select_the_feature_maps_timm_selects(name, out_indices):
+    ours, ref = pair(name, features_only=True, out_indices=out_indices)
+    ours.eval(), ref.eval()
+    assert ours.feature_info.channels() == ref.feature_info.channels()
+    assert ours.feature_info.reduction() == ref.feature_info.reduction() == [2 ** (i + 1) for i in out_indices]
+    x = torch.randn(2, 3, 70, 58)
+    with torch.no_grad():
+        feats, ref_feats = ours(x), ref(x)
+    assert len(feats) == len(ref_feats) == len(out_indices)
+    for f, r in zip(feats, ref_feats):
+        assert f.shape == r.shape and r.abs().max() > 0.1
+        assert (f - r).abs().max().item() <= 1e-5
+    if name == "mixnet_s":
+        assert ours.feature_info.channels() == [24, 200]
     with pytest.raises(ValueError, match="out_indices"):
         mixnet.create_model("mixnet_s", features_only=True, out_indices=(5,))
 
@@ -126,47 +137,52 @@ def test_custom_width_and_depth_build_the_reference_scale(multipliers):
 
 @pytest.mark.parametrize("name", ALL)
 def test_script_and_fx_agree_with_eager(name):
-    model = mixnet.create_model(name).eval()
-    randomize(model)
+    model = randomized(name)
     x = torch.randn(2, 3, 71, 45)
     with torch.no_grad():
         expected = model(x)
+        assert expected.abs().max() > 0.1  # logits large enough for the tolerance to mean something
         for out in (torch.jit.script(model)(x), torch.fx.symbolic_trace(model)(x)):
             assert (out - expected).abs().max().item() <= 1e-5
 
 
-# The two layouts (S, M) in both padding styles; L/XL/XXL are M's tables rescaled (slow to export).
-@pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "tf_mixnet_s", "tf_mixnet_m"])
+@pytest.mark.parametrize("name", ALL)
 def test_export_with_dynamic_batch_and_size_agrees_with_eager(name):
-    model = mixnet.create_model(name).eval()
-    randomize(model)
+    model = randomized(name)
     # torch.export needs the last feature map > 1 pixel for a dynamic size (static 32 is tested below).
     dims = {0: torch.export.Dim("batch", max=64), 2: torch.export.Dim("height", min=33, max=2048),
             3: torch.export.Dim("width", min=33, max=2048)}
     exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=(dims,)).module()
     with torch.no_grad():
-        for shape in [(3, 3, 71, 45), (1, 3, 224, 224)]:
+        for shape in [(3, 3, 71, 45), (1, 3, 224, 224), (2, 3, 33, 40)]:
             x = torch.randn(shape)
-            assert (exported(x) - model(x)).abs().max().item() <= 1e-5
+            expected = model(x)
+            assert expected.abs().max() > 0.1
+            assert (exported(x) - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
 def test_smallest_input_runs_in_every_form(name):
-    model = mixnet.create_model(name).eval()
+    model = randomized(name)
     x = torch.randn(1, 3, MIN_INPUT_SIZE, MIN_INPUT_SIZE)
     with torch.no_grad():
         expected = model(x)
+        assert expected.abs().max() > 0.1
         assert (torch.jit.script(model)(x) - expected).abs().max() <= 1e-5
         assert (torch.fx.symbolic_trace(model)(x) - expected).abs().max() <= 1e-5
         assert (torch.export.export(model, (x,)).module()(x) - expected).abs().max() <= 1e-5
 
 
+# One variant: compiling costs about a minute on 2 cores. tf_mixnet_s has the per-size "SAME" padding,
+# the harder graph; test_optimize.py compiles mixnet_s's inference form.
 @pytest.mark.parametrize("name", ["tf_mixnet_s"])
 def test_torch_compile_agrees_with_eager(name):
-    model = mixnet.create_model(name).eval()
+    model = randomized(name)
     x = torch.randn(1, 3, 65, 49)
     with torch.no_grad():
-        assert (torch.compile(model)(x) - model(x)).abs().max().item() <= 1e-5
+        expected = model(x)
+        assert expected.abs().max() > 0.1
+        assert (torch.compile(model)(x) - expected).abs().max().item() <= 1e-5
 
 
 def test_tf_ports_use_tensorflow_batchnorm_eps():
@@ -231,7 +247,7 @@ def test_head_api():
 
 def test_initialisation_follows_the_reference():
     torch.manual_seed(0)
-    model = mixnet.create_model("mixnet_m")
+    model = mixnet.create_model("mixnet_m", head_init="reference")
     head = model.conv_head.weight  # 1x1, 1536 outputs, groups 1: fan_out 1536
     assert head.std().item() == pytest.approx(math.sqrt(2 / 1536), rel=0.02)
     dw = model.blocks[5][1].conv_dw[0].weight  # depthwise: fan_out = k*k*out/groups = k*k
@@ -255,3 +271,20 @@ def test_drop_path_is_stochastic_in_training_and_grows_with_depth():
     assert not torch.allclose(a, b)
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_a_fresh_classifier_starts_calibrated_on_real_photos(num_classes):
+    from mixnet.data.images import build_eval_transform, load_image
+
+    photos = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
+    torch.manual_seed(0)
+    model = mixnet.create_model("mixnet_s", num_classes=num_classes).train()
+    transform = build_eval_transform(model.pretrained_cfg, input_size=(3, 128, 128))
+    x = torch.stack([transform(load_image(p)) for p in photos])
+    targets = torch.arange(len(photos)) % num_classes
+    loss = torch.nn.functional.cross_entropy(model(x), targets).item()
+    assert abs(loss - math.log(num_classes)) < 0.5, loss
+    model.reset_classifier(num_classes)  # a new head for fine-tuning starts calibrated too
+    loss = torch.nn.functional.cross_entropy(model(x), targets).item()
+    assert abs(loss - math.log(num_classes)) < 0.5, loss

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixnet.optim import LRSchedule, ModelEma, RMSpropTF, create_optimizer, parameter_groups
+from mixnet.training.optimizers import LRSchedule, ModelEma, RMSpropTF, create_optimizer, parameter_groups
 
 
 def _rmsprop_tf_reference(param, grads, lr, alpha, eps, momentum, weight_decay):

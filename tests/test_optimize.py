@@ -4,17 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from mixnet import create_model, list_models
-from mixnet.benchmark import randomize_batchnorm
-from mixnet.layers import Conv2dSame, MixedConv2d
-from mixnet.optimize import fold_batchnorm, merge_mixed_conv, optimize_for_inference
+from conftest import randomized
+from mixnet import list_models
+from mixnet.deploy.benchmark import randomize_batchnorm
+from mixnet.models.layers import Conv2dSame, MixedConv2d
+from mixnet.models.fusion import fold_batchnorm, merge_mixed_conv, optimize_for_inference
 
 TOLERANCE = 1e-4
-
-
-def randomized(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_batchnorm(create_model(name, **kwargs)).eval()
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -99,3 +95,14 @@ def test_feature_pyramid_model_is_optimized_too():
     x = torch.randn(1, 3, 64, 64)
     for got, expected in zip(fast(x), model(x), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE)
+
+
+@torch.no_grad()
+def test_optimized_model_compiles_and_matches_eval_model():
+    # One variant, one size: compiling costs about a minute on 2 cores; tf_mixnet_s's eager compile is
+    # tested in test_model.py, so both padding styles go through torch.compile.
+    model = randomized("mixnet_s")
+    x = torch.randn(2, 3, 65, 49, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(torch.compile(optimize_for_inference(model))(x), expected, rtol=0, atol=TOLERANCE)

@@ -6,8 +6,10 @@ head-reduced mixnet_s, so each run takes seconds.
 
 import csv
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,10 @@ from PIL import Image
 
 from mixnet import TrainConfig, create_model, resume_training, train
 from mixnet.errors import MixNetError
-from mixnet.training import BEST, LAST, NonFiniteLoss, load_checkpoint
-from mixnet.weights import load_model
+from mixnet.training.loop import NonFiniteLoss
+from mixnet.training.run_dir import BEST, LAST, load_checkpoint
+from mixnet.training.sampling import mix_seed
+from mixnet.factory import load_model
 
 TINY_MODEL = dict(width_multiplier=0.25, head_channels=64)
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
@@ -80,7 +84,7 @@ def test_a_few_epochs_learn_well_above_chance_and_write_the_run_directory(data, 
     assert model.pretrained_cfg["class_names"] == ["class0", "class1", "class2"]
     assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
     state = load_checkpoint(run / LAST)
-    assert state["epoch"] == 5 and set(state) >= {"state_dict", "state_dict_ema", "optimizer", "rng", "config"}
+    assert state.epoch == 5 and set(state.to_dict()) >= {"state_dict", "state_dict_ema", "optimizer", "rng", "config"}
 
 
 def _run_until_killed(config_args, run: Path, kill_when) -> None:
@@ -93,8 +97,11 @@ def _run_until_killed(config_args, run: Path, kill_when) -> None:
             if (run / LAST).is_file() and kill_when(load_checkpoint(run / LAST)):
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
+        alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)  # drains the pipe, so the child never blocks on it
+        assert alive, f"training ended before it could be killed: {stderr.decode()[-2000:]}"
+        assert proc.returncode == -signal.SIGKILL
     finally:
         proc.kill()
         proc.wait()
@@ -126,21 +133,44 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(dat
     killed = tmp_path / "killed"
     if where == "mid-epoch":  # a checkpoint after every update; killed in the middle of epoch 2
         settings = dict(SETTINGS, checkpoint_minutes=1e-6)
-        kill_when = lambda s: s["epoch"] == 1 and s["update"] >= 2  # noqa: E731
+        kill_when = lambda s: s.epoch == 1 and s.update >= 2  # noqa: E731
     else:
         settings = dict(SETTINGS, checkpoint_minutes=0)
-        kill_when = lambda s: s["epoch"] >= 1  # noqa: E731
+        kill_when = lambda s: s.epoch >= 1  # noqa: E731
     _run_until_killed(_cli_args(data, killed, **settings), killed, kill_when)
-    state = load_checkpoint(killed / LAST)
-    assert state["epoch"] < 3
+    state = load_checkpoint(killed / LAST)  # where the resumed run starts: 12 updates per epoch
+    if where == "mid-epoch":
+        assert state.epoch == 1 and 2 <= state.update < 12 and state.global_update == 12 + state.update
+    else:
+        assert state.epoch in (1, 2) and state.update == 0 and state.global_update == 12 * state.epoch
     resume_training(str(killed), checkpoint_minutes=0)
 
     ours, theirs = load_checkpoint(killed / LAST), load_checkpoint(reference / LAST)
-    assert ours["epoch"] == theirs["epoch"] == 3
+    assert ours.epoch == theirs.epoch == 3
     for key in ("state_dict", "state_dict_ema"):
-        for name, tensor in theirs[key].items():
-            assert torch.equal(ours[key][name], tensor), f"{key}.{name} differs after resume"
-    assert [r["train_loss"] for r in ours["history"]] == [r["train_loss"] for r in theirs["history"]]
+        for name, tensor in getattr(theirs, key).items():
+            assert torch.equal(getattr(ours, key)[name], tensor), f"{key}.{name} differs after resume"
+    assert [r["train_loss"] for r in ours.history] == [r["train_loss"] for r in theirs.history]
+
+
+# The keys of a checkpoint as mixnet 0.1's trainer wrote them (before TrainState).
+V1_CHECKPOINT_KEYS = {"format", "version", "architecture", "config", "class_names", "epoch", "update",
+                      "global_update", "state_dict", "state_dict_ema", "optimizer", "scaler", "scheduler",
+                      "rng", "history", "best", "partial", "elapsed_seconds"}
+
+
+def test_a_run_directory_in_the_first_checkpoint_format_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    values = torch.load(run / LAST, weights_only=True)
+    assert set(values) == V1_CHECKPOINT_KEYS - {"scheduler"}  # the one key no longer written
+    assert set(values["best"]) == {"top1", "epoch", "source"}
+    assert set(values["partial"]) == {"loss_sum", "samples", "bad_images", "train_seconds"}
+    values["scheduler"] = dict(global_update=values["global_update"], updates_per_epoch=12)
+    torch.save(values, run / LAST)
+    with pytest.warns(UserWarning, match="changed settings epochs"):
+        result = resume_training(str(run), epochs=2)
+    assert result.completed and load_checkpoint(run / LAST).global_update == 24
 
 
 def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
@@ -154,7 +184,7 @@ def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
 def test_train_refuses_to_overwrite_a_run(data, tmp_path):
     run = tmp_path / "run"  # also exercises accumulation, clipping, bf16 autocast and cutmix
     result = train(tiny_config(data, run, epochs=1, accum_steps=2, clip_grad=1.0, amp="bf16", cutmix=1.0))
-    assert result.history[0]["train_loss"] > 0 and load_checkpoint(run / LAST)["global_update"] == 6
+    assert result.history[0]["train_loss"] > 0 and load_checkpoint(run / LAST).global_update == 6
     with pytest.raises(MixNetError, match="already holds a training run"):
         train(tiny_config(data, run, epochs=1))
 
@@ -163,7 +193,7 @@ def test_max_minutes_stops_with_a_checkpoint_that_resumes(data, tmp_path):
     run = tmp_path / "run"
     result = train(tiny_config(data, run, epochs=1, max_minutes=1e-9))
     assert not result.completed and not (run / "final").exists()
-    assert load_checkpoint(run / LAST)["global_update"] == 0
+    assert load_checkpoint(run / LAST).global_update == 0
     assert resume_training(str(run), max_minutes=None).completed
     assert (run / "final" / "model.safetensors").is_file()
 
@@ -179,11 +209,63 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     assert config["world_size"] == 2 and config["global_batch"] == 6
     state = load_checkpoint(run / LAST)
     model = create_model("mixnet_s", num_classes=3, **TINY_MODEL)
-    model.load_state_dict(state["state_dict"])  # rank 0's checkpoint: plain keys, no "module." prefix
+    model.load_state_dict(state.state_dict)  # rank 0's checkpoint: plain keys, no "module." prefix
     assert len(read_metrics(run)) == 1
     # 72 training images over 2 ranks x 3 per batch: 12 updates of 6 images, all counted
-    assert state["global_update"] == 12
+    assert state.global_update == 12
     assert load_model(run / "final").num_classes == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_at_batch_3_equal_one_process_at_batch_6_and_only_rank_0_writes(data, tmp_path):
+    import torch.multiprocessing as mp
+
+    from ddp_worker import train_as_rank
+
+    # Deterministic: no augmentation (full-image crops, no flip), no dropout, BatchNorm frozen (its
+    # batch statistics would differ between 3 and 6 images), no EMA warm-up differences.
+    values = tiny_config(data, tmp_path / "single", epochs=1, batch_size=6, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                         hflip=0.0, drop_rate=0.0, drop_path_rate=0.0, freeze_bn=True, opt="sgd", lr=0.05,
+                         deterministic=False).to_dict()
+    train(TrainConfig.from_dict(values))
+    two = dict(values, output=str(tmp_path / "two"), batch_size=3)
+    mp.start_processes(train_as_rank, args=(2, free_port(), two), nprocs=2, start_method="spawn")
+
+    single, pair = load_checkpoint(tmp_path / "single" / LAST), load_checkpoint(tmp_path / "two" / LAST)
+    assert single.global_update == pair.global_update == 12
+    torch.manual_seed(mix_seed(values["seed"], 0xC0FFEE))  # the initial weights, as the trainer draws them
+    start = create_model("mixnet_s", num_classes=3, **TINY_MODEL).state_dict()
+    for name, tensor in single.state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        assert torch.allclose(pair.state_dict[name], tensor, rtol=1e-4, atol=1e-5), name
+    # Unsynchronised gradients (each rank stepping on its own 3 images) would land far from these
+    # weights: training moved them much further than the two runs differ.
+    moved = sum(float((single.state_dict[k] - start[k]).abs().sum()) for k in start if start[k].is_floating_point()
+                and "running" not in k)
+    differ = sum(float((single.state_dict[k] - pair.state_dict[k]).abs().sum()) for k in start
+                 if start[k].is_floating_point() and "running" not in k)
+    assert moved > 1000 * differ
+
+
+def test_resuming_with_more_epochs_recomputes_the_schedule_from_the_same_point(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=2, lr=0.01, min_lr=0.0, warmup_epochs=0, sched="cosine"))
+    with pytest.warns(UserWarning, match="changed settings epochs"):
+        result = resume_training(str(run), epochs=4)
+    assert result.completed and [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    updates = 12  # 72 images / batch 6
+    for row in result.history:
+        # the lr of an epoch's last update, by the cosine formula: lengths 2 then (resumed) 4
+        epochs = 2 if row["epoch"] <= 2 else 4
+        t = row["epoch"] - 1 + (updates - 1) / updates
+        expected = 0.5 * 0.01 * (1 + math.cos(math.pi * t / epochs))
+        assert row["lr"] == pytest.approx(expected, abs=1e-6), row  # metrics keep 6 decimals
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -195,7 +277,7 @@ def test_empty_class_folder_is_skipped_with_a_warning(data, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(root, run, epochs=1))
     assert "empty class folder" in capsys.readouterr().err
-    assert load_checkpoint(run / LAST)["class_names"] == ["class0", "class1", "class2"]
+    assert load_checkpoint(run / LAST).class_names == ["class0", "class1", "class2"]
 
 
 def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capsys):
@@ -217,7 +299,7 @@ def test_val_class_missing_from_train_is_reported_and_not_scored(tmp_path, capsy
     run = tmp_path / "run"
     train(tiny_config(root, run, epochs=1))
     assert "unseen" in capsys.readouterr().err
-    assert load_checkpoint(run / LAST)["class_names"] == ["class0", "class1", "class2"]
+    assert load_checkpoint(run / LAST).class_names == ["class0", "class1", "class2"]
 
 
 def test_a_single_class_or_missing_folders_are_refused(tmp_path):
@@ -229,28 +311,28 @@ def test_a_single_class_or_missing_folders_are_refused(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    from mixnet import training
+    from mixnet.training import loop as training
 
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_loss = training._Trainer._loss
+    real_loss = training.Trainer.loss
 
     def loss_turning_nan(self, logits, targets):
         calls["n"] += 1
         loss = real_loss(self, logits, targets)
         return loss * float("nan") if calls["n"] > 14 else loss  # epoch 1 has 12 updates
 
-    monkeypatch.setattr(training._Trainer, "_loss", loss_turning_nan)
+    monkeypatch.setattr(training.Trainer, "loss", loss_turning_nan)
     with pytest.raises(NonFiniteLoss, match="NaN") as info:
         train(tiny_config(data, run, epochs=3))
     assert str(run / LAST) in str(info.value)
     state = load_checkpoint(run / LAST)
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    assert state.epoch == 1
+    assert all(torch.isfinite(t).all() for t in state.state_dict.values() if t.is_floating_point())
 
 
 def test_full_disk_on_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
-    from mixnet import training
+    from mixnet.training import loop as training
 
     run = tmp_path / "run"
     saves = {"n": 0}
@@ -267,7 +349,7 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(data, tmp_path, monkeyp
     with pytest.raises(MixNetError, match="No space left on device"):
         train(tiny_config(data, run, epochs=3))
     monkeypatch.undo()
-    assert load_checkpoint(run / LAST)["epoch"] == 1
+    assert load_checkpoint(run / LAST).epoch == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -277,12 +359,12 @@ def test_finetune_starts_from_a_run_with_a_new_head(data, tmp_path):
     root = make_dataset(tmp_path / "two", classes=COLOURS[:2])
     run = tmp_path / "finetuned"
     train(tiny_config(root, run, pretrained=str(source / "final"), epochs=1))
-    start = load_checkpoint(source / LAST)["state_dict"]
+    start = load_checkpoint(source / LAST).state_dict
     tuned = load_checkpoint(run / LAST)
-    assert tuned["class_names"] == ["class0", "class1"] and tuned["state_dict"]["classifier.weight"].shape[0] == 2
+    assert tuned.class_names == ["class0", "class1"] and tuned.state_dict["classifier.weight"].shape[0] == 2
     # the trunk started from the source weights: after one short epoch it is still close to them
     trunk = "conv_stem.weight"
-    assert torch.dist(tuned["state_dict"][trunk], start[trunk]) < 0.5 * torch.dist(
+    assert torch.dist(tuned.state_dict[trunk], start[trunk]) < 0.5 * torch.dist(
         create_model("mixnet_s", num_classes=2, **TINY_MODEL).state_dict()[trunk], start[trunk])
 
 

@@ -11,21 +11,25 @@ import http.server
 import io
 import json
 import pickle
+import shutil
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import mixnet
-from mixnet import hub
+from mixnet.data.imagenet import imagenet_class_names
 from mixnet.errors import MixNetError
-from mixnet.imagenet import imagenet_class_names
-from mixnet.weights import (DEFAULT_TAG, RELEASE_BASE, RUN_MODEL_DIRNAME, WEIGHTS, default_tag,
-                            load_model, save_pretrained)
-
-timm = pytest.importorskip("timm")
+from mixnet.factory import load_model
+from mixnet.pretrained import checkpoint as checkpoint_module
+from mixnet.pretrained import download as hub
+from mixnet.pretrained.checkpoint import RUN_MODEL_DIRNAME, save_pretrained
+from mixnet.pretrained.registry import DEFAULT_TAG, RELEASE_BASE, WEIGHTS, default_tag
 
 PUBLISHED = ["mixnet_s.ft_in1k", "mixnet_m.ft_in1k", "mixnet_l.ft_in1k", "mixnet_xl.ra_in1k",
              "tf_mixnet_s.in1k", "tf_mixnet_m.in1k", "tf_mixnet_l.in1k"]
@@ -35,7 +39,13 @@ PUBLISHED = ["mixnet_s.ft_in1k", "mixnet_m.ft_in1k", "mixnet_l.ft_in1k", "mixnet
 
 
 @pytest.fixture(scope="module")
-def timm_s():
+def timm():
+    """timm, the oracle, for the tests that compare with it (the others run without it)."""
+    return pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def timm_s(timm):
     torch.manual_seed(0)
     return timm.create_model("mixnet_s").eval()
 
@@ -71,6 +81,8 @@ class FileServer:
         self.requests = []  # (path, Range header or None)
         self.drops_left = 0  # this many responses stop halfway, then close the connection
         self.ignore_range = False
+        self.release = threading.Event()  # cleared: responses stop halfway until it is set
+        self.release.set()
         self.hub_files = {}  # (repo_id, file name) -> bytes, served as the Hugging Face hub
         self.hub_requests = []
         server = self
@@ -116,7 +128,10 @@ class FileServer:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                self.wfile.write(body[:len(body) // 2])
+                self.wfile.flush()
+                server.release.wait(timeout=60)
+                self.wfile.write(body[len(body) // 2:])
 
             def serve_hub(self, head):
                 """Just enough of the hub's file endpoint: /hf/<org>/<repo>/resolve/<revision>/<file>."""
@@ -166,12 +181,23 @@ def local_hub(monkeypatch, server):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
+@pytest.fixture(scope="module")
+def hub_file(timm_s):
+    """The same weights as the hub holds them: model.safetensors."""
+    from safetensors.torch import save
+
+    return save(timm_s.state_dict())
+
+
 @pytest.fixture
-def served_entry(monkeypatch, server, release_file, tmp_path, local_hub):
-    """mixnet_s.ft_in1k registered with the locally made file's hash; URL base and cache via env vars."""
+def served_entry(monkeypatch, server, release_file, hub_file, tmp_path, local_hub):
+    """mixnet_s.ft_in1k served on GitHub and the hub, registered with the digests of the files made here
+    (computed independently with hashlib); URL base and cache via env vars."""
     name, data = release_file
     server.files[name] = data
-    entry = dataclasses.replace(WEIGHTS["mixnet_s.ft_in1k"], sha256=name[9:17], url=f"{RELEASE_BASE}/{name}")
+    entry = dataclasses.replace(WEIGHTS["mixnet_s.ft_in1k"], sha256=hashlib.sha256(data).hexdigest()[:8],
+                                url=f"{RELEASE_BASE}/{name}", hf_sha256=hashlib.sha256(hub_file).hexdigest())
+    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = hub_file
     monkeypatch.setitem(WEIGHTS, entry.tag, entry)
     monkeypatch.setenv("MIXNET_WEIGHTS_URL_BASE", server.url)
     cache = tmp_path / "cache"
@@ -187,7 +213,7 @@ def cache_files(cache: Path):
 # ------------------------------------------------------------------------------------------ registry
 
 
-def test_registry_matches_the_published_checkpoints():
+def test_registry_matches_the_published_checkpoints(timm):
     from timm.models import get_pretrained_cfg
 
     assert set(PUBLISHED) <= set(WEIGHTS)
@@ -195,7 +221,8 @@ def test_registry_matches_the_published_checkpoints():
         entry, theirs = WEIGHTS[tag], get_pretrained_cfg(tag)
         assert entry.url == theirs.url and entry.hf_hub_id == theirs.hf_hub_id
         assert entry.url.startswith("https://github.com/rwightman/pytorch-image-models/releases/download/")
-        assert entry.filename.rsplit("-", 1)[1] == f"{entry.sha256}.pth" and len(entry.sha256) == 8
+        # the digest prefix as timm's own configuration spells it in its URL
+        assert theirs.url.endswith(f"-{entry.sha256}.pth") and len(entry.sha256) == 8
         assert entry.architecture == theirs.architecture and entry.architecture in mixnet.MODELS
         cfg = entry.pretrained_cfg
         assert (cfg.input_size, cfg.crop_pct, cfg.interpolation) == \
@@ -212,16 +239,55 @@ def test_no_published_weights_is_a_clear_error():
         mixnet.create_model("mixnet_xxl", pretrained=True)
 
 
-def test_builtin_imagenette_weights_load_or_say_they_are_missing():
+def test_sha256_checks_against_a_known_digest(tmp_path):
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")
+    known = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 test vector
+    assert hub.file_sha256(path) == known
+    hub.check_sha256(path, known)
+    hub.check_sha256(path, known[:8].upper())
+    for wrong in (known[:7] + "0", "0" * 64):
+        with pytest.raises(MixNetError, match=rf"{path}: sha256 .* does not match the expected {wrong}"):
+            hub.check_sha256(path, wrong)
+    for unusable in ("", "ba78", "not hex!"):  # an empty or short prefix would accept (nearly) anything
+        with pytest.raises(MixNetError, match="no usable sha256"):
+            hub.check_sha256(path, unusable)
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """The built-in weights files copied to a folder the package reads them from instead."""
+    folder = tmp_path / "files"
+    shutil.copytree(checkpoint_module.PACKAGE_FILES, folder)
+    monkeypatch.setattr(checkpoint_module, "PACKAGE_FILES", folder)
+    return folder / WEIGHTS[DEFAULT_TAG].package_file
+
+
+def test_builtin_weights_load_and_are_the_registered_file():
     entry = WEIGHTS[DEFAULT_TAG]
-    package_dir = Path(mixnet.__file__).parent / "weights"
-    if (package_dir / entry.package_file).is_file():
-        model = load_model(DEFAULT_TAG)
-        assert model.num_classes == 10 and len(model.pretrained_cfg["class_names"]) == 10
-        assert model.pretrained_cfg["tag"] == DEFAULT_TAG
-    else:
-        with pytest.raises(MixNetError, match=r"mixnet_s\.imagenette: the built-in weights are not in this"):
-            load_model(DEFAULT_TAG)
+    shipped = checkpoint_module.PACKAGE_FILES / entry.package_file
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == entry.sha256
+    model = load_model(DEFAULT_TAG)
+    assert model.num_classes == 10 and len(model.pretrained_cfg["class_names"]) == 10
+    assert model.pretrained_cfg["tag"] == DEFAULT_TAG and model.pretrained_cfg["file"] == str(shipped)
+
+
+def test_tampered_builtin_weights_are_refused(package_copy):
+    data = bytearray(package_copy.read_bytes())
+    data[-2] ^= 0x01  # one bit of the last tensor: still a readable safetensors file
+    package_copy.write_bytes(bytes(data))
+    from safetensors.torch import load_file
+
+    assert load_file(package_copy)  # readable, so only the digest can catch it
+    with pytest.raises(MixNetError, match=rf"{package_copy}: sha256 .* does not match the expected"):
+        load_model(DEFAULT_TAG)
+
+
+def test_missing_builtin_weights_are_named(package_copy):
+    package_copy.unlink()
+    with pytest.raises(MixNetError, match=rf"mixnet_s\.imagenette: the built-in weights are not in this "
+                                          rf"installation \({package_copy} missing\)"):
+        load_model(DEFAULT_TAG)
 
 
 # ------------------------------------------------------------------------------------------ downloads
@@ -254,6 +320,9 @@ def test_hash_mismatch_is_refused_and_discarded(served_entry, server):
     with pytest.raises(MixNetError, match=rf"{cached.name}: .*sha256 .* not the expected {entry.sha256}"):
         mixnet.create_model("mixnet_s", pretrained=True, progress=False)
     assert cache_files(cached.parent) == []
+    # A file that is not the published one is an alarm, not an outage: the hub, which holds the right
+    # file here, is not asked.
+    assert len(server.requests) == 1 and server.hub_requests == []
 
 
 def test_404_names_the_url_and_where_to_put_the_file(served_entry, server):
@@ -263,8 +332,10 @@ def test_404_names_the_url_and_where_to_put_the_file(served_entry, server):
         mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
     message = str(error.value)
     assert "HTTP 404" in message and f"{server.url}/{cached.name}" in message and "\n" not in message
+    server.hub_files.clear()
     with pytest.raises(MixNetError, match=rf"fetch {server.url}/{cached.name} yourself and put it at {cached}"):
         mixnet.create_model("mixnet_s", pretrained=True, progress=False)  # auto: the hub lacks it too
+    assert server.hub_requests  # it was asked
     assert cache_files(cached.parent) == []
 
 
@@ -304,7 +375,7 @@ def test_connection_that_keeps_dropping_fails_cleanly_then_resumes_next_time(ser
     mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
     assert server.requests[-1][1] == f"bytes={kept}-"
     assert cache_files(cached.parent) == [cached.name]
-    assert hub.file_sha256(cached).startswith(entry.sha256)
+    assert cached.read_bytes() == server.files[cached.name]
 
 
 def test_server_ignoring_range_restarts_from_scratch(served_entry, server, timm_s, images):
@@ -351,6 +422,30 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, writer):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("place", ["hub folder", "run checkpoint"])
+def test_malicious_pickle_in_a_hub_folder_or_run_checkpoint_runs_nothing(tmp_path, place, capsys):
+    from mixnet.cli import main
+
+    marker = tmp_path / "pwned"
+    if place == "hub folder":  # timm's format: config.json + pytorch_model.bin
+        spec = tmp_path / "hub"
+        spec.mkdir()
+        (spec / "config.json").write_text(json.dumps({"architecture": "mixnet_s", "num_classes": 10}))
+        path = spec / "pytorch_model.bin"
+        payload = {"conv_stem.weight": torch.zeros(1), "extra": RunsCode(marker)}
+    else:  # what --pretrained RUN/last.pth or --weights RUN/last.pth reads
+        spec = path = tmp_path / "run" / "last.pth"
+        path.parent.mkdir()
+        payload = {"epoch": 3, "state_dict": {"conv_stem.weight": torch.zeros(1)}, "optimizer": RunsCode(marker)}
+    torch.save(payload, path)
+    with pytest.raises(MixNetError, match=rf"{path}: refused: .*objects other than tensors"):
+        load_model(spec)
+    example = Path(__file__).resolve().parents[1] / "examples" / "church.jpg"
+    assert main(["predict", str(example), "--weights", str(spec), "--workers", "0"]) == 2
+    assert f"{path}: refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_truncated_file_is_a_one_line_error(tmp_path, timm_s, suffix):
     from safetensors.torch import save_file
@@ -366,7 +461,7 @@ def test_truncated_file_is_a_one_line_error(tmp_path, timm_s, suffix):
     assert "\n" not in str(error.value)
 
 
-def test_wrong_architecture_is_named(tmp_path):
+def test_wrong_architecture_is_named(timm, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(timm.create_model("mixnet_m").state_dict(), path)
     with pytest.raises(MixNetError, match=rf"{path}: does not fit mixnet_s: .*looks like mixnet_m or "
@@ -392,7 +487,7 @@ def test_timm_checkpoint_layouts_load_with_equal_logits(tmp_path, timm_s, images
 
 
 @pytest.mark.parametrize("safe", [True, False])
-def test_timm_hub_folder_loads_with_equal_logits_and_names(tmp_path, images, safe):
+def test_timm_hub_folder_loads_with_equal_logits_and_names(timm, tmp_path, images, safe):
     torch.manual_seed(2)
     theirs = timm.create_model("mixnet_s", num_classes=10).eval()
     names = [f"class {i}" for i in range(10)]
@@ -405,7 +500,7 @@ def test_timm_hub_folder_loads_with_equal_logits_and_names(tmp_path, images, saf
     assert_same_logits(via_create, theirs, images)
 
 
-def test_save_pretrained_loads_in_timm_and_back(tmp_path, images):
+def test_save_pretrained_loads_in_timm_and_back(timm, tmp_path, images):
     ours = mixnet.create_model("mixnet_s", num_classes=10).eval()
     names = [f"n{i:08d}" for i in range(10)]
     folder = save_pretrained(ours, tmp_path / "hub", class_names=names)
@@ -438,7 +533,7 @@ def test_other_num_classes_starts_a_fresh_classifier(tmp_path, timm_s, images):
 
 
 @pytest.mark.parametrize("in_chans", [1, 5])
-def test_stem_adapts_to_other_channel_counts_like_timm(tmp_path, timm_s, in_chans):
+def test_stem_adapts_to_other_channel_counts_like_timm(timm, tmp_path, timm_s, in_chans):
     path = tmp_path / "w.pth"
     torch.save(timm_s.state_dict(), path)
     ours = mixnet.create_model("mixnet_s", pretrained=path, in_chans=in_chans)
@@ -449,7 +544,7 @@ def test_stem_adapts_to_other_channel_counts_like_timm(tmp_path, timm_s, in_chan
     assert ours.pretrained_cfg["input_size"][0] == in_chans
 
 
-def test_features_only_takes_the_trunk(tmp_path, timm_s, images):
+def test_features_only_takes_the_trunk(timm, tmp_path, timm_s, images):
     path = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
 
@@ -472,12 +567,9 @@ def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, 
         load_model(tmp_path / "missing.pth")
 
 
-def test_hugging_face_hub_is_the_fallback_source(served_entry, server, timm_s, images, tmp_path):
-    from safetensors.torch import save
-
+def test_hugging_face_hub_is_the_fallback_source_for_a_registered_digest(served_entry, server, timm_s, images):
     entry, cached = served_entry
     del server.files[cached.name]  # the GitHub release is gone
-    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = save(timm_s.state_dict())
     model = mixnet.create_model("mixnet_s", pretrained=True, progress=False)
     assert_same_logits(model, timm_s, images)
     assert (entry.hf_hub_id, "model.safetensors") in server.hub_requests
@@ -487,6 +579,72 @@ def test_hugging_face_hub_is_the_fallback_source(served_entry, server, timm_s, i
     again = mixnet.create_model("mixnet_s", pretrained=True, source="hf", progress=False)
     assert_same_logits(again, timm_s, images)
     assert len(server.requests) == github_requests  # source="hf" never asks GitHub
+
+
+def test_hub_file_other_than_the_registered_one_is_refused(served_entry, server, timm):
+    from safetensors.torch import save
+
+    entry, cached = served_entry
+    del server.files[cached.name]
+    torch.manual_seed(7)  # valid mixnet_s weights, only not the registered ones
+    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = save(timm.create_model("mixnet_s").state_dict())
+    refused = r"timm/mixnet_s\.ft_in1k/model\.safetensors: refused, not the registered file .*sha256"
+    with pytest.raises(MixNetError, match=refused):
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    assert server.hub_requests  # it was fetched, then refused
+    with pytest.raises(MixNetError, match=refused):  # now from the hub's cache: refused there too
+        mixnet.create_model("mixnet_s", pretrained=True, progress=False)
+    with pytest.raises(MixNetError, match=refused):
+        mixnet.create_model("mixnet_s", pretrained=True, source="hf", progress=False)
+
+
+@pytest.mark.parametrize("tag", PUBLISHED)
+def test_tags_without_a_registered_hub_digest_never_use_the_hub(tag, server, local_hub, hub_file, tmp_path):
+    entry = WEIGHTS[tag]
+    assert entry.hf_hub_id and entry.hf_sha256 is None  # no full digest of the hub copies is known
+    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = hub_file  # the hub would serve a file
+    with pytest.raises(MixNetError, match=rf"{entry.filename}: .* answered HTTP 404"):
+        load_model(tag, cache_dir=tmp_path, url_base=server.url, progress=False)
+    with pytest.raises(MixNetError, match=rf"{tag}: no sha256 is registered for a Hugging Face copy"):
+        load_model(tag, cache_dir=tmp_path, source="hf", progress=False)
+    assert len(server.requests) == 1 and server.hub_requests == []
+
+
+CONCURRENT_CHILD = """
+import sys
+from mixnet.pretrained.download import download
+print("ready", flush=True)
+print(download(sys.argv[1], sys.argv[2], sys.argv[3], progress=False), flush=True)
+"""
+
+
+def test_concurrent_downloads_of_one_file_make_one_request_and_one_good_file(server, release_file, tmp_path):
+    name, data = release_file
+    server.files[name] = data
+    server.release.clear()  # the first download stops halfway until the second process waits too
+    dest = tmp_path / "cache" / name
+    args = [sys.executable, "-c", CONCURRENT_CHILD, f"{server.url}/{name}", str(dest),
+            hashlib.sha256(data).hexdigest()]
+    children = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests and children[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.requests, children[0].communicate()[1]
+        children.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        assert children[1].stdout.readline() == "ready\n", children[1].communicate()[1]
+        time.sleep(1.0)  # the second is in download() now, while the first is halfway through the file
+        server.release.set()
+        outputs = [child.communicate(timeout=120) for child in children]
+    finally:
+        server.release.set()
+        for child in children:
+            child.kill()
+            child.wait()
+    assert [child.returncode for child in children] == [0, 0], [err for _, err in outputs]
+    assert [out.splitlines()[-1] for out, _ in outputs] == [str(dest), str(dest)]
+    assert dest.read_bytes() == data and cache_files(dest.parent) == [name]
+    assert len(server.requests) == 1  # the second found the first's file
 
 
 def test_rescaled_architecture_round_trips_through_a_hub_folder(tmp_path):

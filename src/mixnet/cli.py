@@ -13,18 +13,17 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import MixNetError
-from .model import list_models
-from .configs import MODELS
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .info import format_count, model_stats
-    from .weights import list_pretrained
+    from .models.architectures import MODELS
+    from .pretrained.registry import list_pretrained
 
     stats = model_stats()
     rows = [dict(name=name, params=stats[name]["params"], macs=stats[name]["macs"],
                  pretrained=list_pretrained(name), description=MODELS[name].description)
-            for name in list_models()]
+            for name in MODELS]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -50,20 +49,46 @@ def cmd_info(args: argparse.Namespace) -> int:
 def inference_model(args: argparse.Namespace):
     """``(model, forward)`` for predict / validate: the model gives the preprocessing and the classes,
     ``forward`` (any callable from an NCHW tensor to logits) runs the network."""
-    from .inference import resolve_model
+    from .inference.predict import resolve_model
 
     model = resolve_model(args.model, args.weights)
+    forward = low_precision_forward(args, model)
+    if forward is not None:
+        return model, forward
     if args.backend == "onnxruntime":
-        from .export import onnxruntime_forward
+        from .deploy.export import onnxruntime_forward
 
         return model, onnxruntime_forward(model, args.onnx)
     if args.onnx:
         raise MixNetError("--onnx FILE needs --backend onnxruntime")
     if args.fast:
-        from .optimize import optimize_for_inference
+        from .models.fusion import optimize_for_inference
 
         return model, optimize_for_inference(model)
     return model, model
+
+
+def low_precision_forward(args: argparse.Namespace, model):
+    """The forward for --precision bf16 / int8 (OpenVINO bf16, or a quantized folder's INT8 graph); None
+    for fp32. A quantized folder from `mixnet quantize` given as the model runs INT8 unless --precision
+    says otherwise (fp32 / bf16 then run the float weights stored beside the INT8 graph)."""
+    from .deploy.quantize import is_quantized_folder, load_quantized
+
+    quantized = next((p for p in (args.weights, args.model) if is_quantized_folder(p)), None)
+    precision = getattr(args, "precision", None) or ("int8" if quantized else "fp32")
+    if precision == "fp32":
+        return None
+    if args.backend != "torch" or args.onnx or args.fast:
+        raise MixNetError(f"--precision {precision} chooses its own runtime; drop --backend/--onnx/--fast")
+    if precision == "bf16":
+        from .deploy.runtimes import check_bf16_cpu, openvino_forward
+
+        check_bf16_cpu()
+        return openvino_forward(model, "bf16")
+    if quantized is None:
+        raise MixNetError("--precision int8 needs a quantized model folder (`mixnet quantize ... --output DIR`) "
+                          "as --model or --weights")
+    return load_quantized(quantized)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +108,12 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime runs the model exported to ONNX (default: %(default)s)")
     p.add_argument("--onnx", metavar="FILE", help="with --backend onnxruntime: an ONNX file from `mixnet export` "
                                                   "(default: export the model to a temporary file)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="bf16: OpenVINO in bf16 (CPUs with avx512_bf16/amx_bf16); int8: the INT8 graph of a "
+                        "folder from `mixnet quantize` (default: int8 for such a folder, else fp32)")
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def positive_int(text: str) -> int:
@@ -93,8 +124,8 @@ def positive_int(text: str) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import list_image_files
-    from .inference import iter_predictions
+    from .data.images import list_image_files
+    from .inference.predict import iter_predictions
 
     files = list_image_files(args.paths)  # a missing path is a usage error, before the model loads
     if not files:
@@ -119,8 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .data import folder_classes
-    from .evaluate import validate
+    from .data.images import folder_classes
+    from .inference.validate import validate
     from .fileio import atomic_write
 
     folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
@@ -148,8 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipes import TrainConfig, overrides_from_args
-    from .training import resume, train
+    from .training.config import TrainConfig, overrides_from_args
+    from .training.loop import resume, train
 
     overrides = overrides_from_args(args)
     if args.resume:
@@ -165,12 +196,13 @@ def export_source_model(args: argparse.Namespace):
     """The model ``mixnet export`` writes: random weights for an architecture with --random-weights,
     else whatever ``--weights`` / the NAME|RUN_DIR resolves to (a tag, file, hub folder or run)."""
     if args.random_weights:
-        from .model import create_model
+        from .factory import create_model
+        from .models.architectures import MODELS
 
-        if args.source not in list_models():
+        if args.source not in MODELS:
             raise MixNetError(f"--random-weights needs an architecture name, got {args.source!r}")
         return create_model(args.source).eval()
-    from .inference import resolve_model
+    from .inference.predict import resolve_model
 
     if args.weights:
         return resolve_model(args.source, args.weights)
@@ -178,7 +210,7 @@ def export_source_model(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, format_from_path
+    from .deploy.export import export_model, format_from_path
 
     fmt = args.format or format_from_path(args.output)
     result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
@@ -205,14 +237,31 @@ def int_list(text: str) -> List[int]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import default_paths, format_table, run_benchmark, to_json
+    from .deploy.benchmark import default_paths, format_table, run_benchmark, to_json
 
     paths = (args.paths.split(",") if args.paths
-             else default_paths(args.fast, "timm" in (args.compare or []), args.train))
+             else default_paths(args.fast, "timm" in (args.compare or []), args.train, args.precision))
     results = run_benchmark(args.model or ["mixnet_s"], args.batch_size, paths, train=args.train,
                             image_size=args.image_size, warmup=args.warmup, repeats=args.repeats,
-                            num_threads=args.threads, show_progress=not args.json)
+                            num_threads=args.threads, show_progress=not args.json, calibration=args.calibration)
     print(json.dumps(to_json(results), indent=2) if args.json else format_table(results))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .deploy.quantize import AgreementTooLow, quantize_model
+    from .inference.predict import resolve_model
+
+    model = resolve_model(args.weights and args.source, args.weights or args.source)
+    try:
+        result = quantize_model(model, args.calibration, args.output, backend=args.backend, images=args.images,
+                                check_images=args.check_images, min_agreement=args.min_agreement,
+                                workers=args.workers, progress=print)
+    except AgreementTooLow as e:  # the job ran and its result failed the check: exit 1, not a usage error
+        print(f"mixnet quantize: failed: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.path} (INT8 {result.backend}, {result.size_bytes / 2**20:.1f} MiB graph, "
+          f"{result.calibration_images} calibration photos); {result.check.summary()}")
     return 0
 
 
@@ -262,6 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_export)
 
+    from .deploy.runtimes import DEFAULT_INT8_BACKEND, INT8_BACKENDS
+
+    p = sub.add_parser("quantize", help="post-training INT8 quantization, checked against fp32 on held-back photos")
+    p.add_argument("source", metavar="MODEL|RUN_DIR|FILE", help="weights tag, training run, hub folder or weights "
+                                                                "file (an architecture with --weights)")
+    p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights for the architecture MODEL")
+    p.add_argument("--calibration", required=True, metavar="DIR",
+                   help="photos (searched recursively; class folders named by the model's classes add accuracy)")
+    p.add_argument("--images", type=positive_int, default=300, metavar="N",
+                   help="calibration photos, a fixed random sample (default: %(default)s)")
+    p.add_argument("--check-images", type=positive_int, default=500, metavar="N",
+                   help="held-back photos scored in fp32 and INT8 (default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=98.0, metavar="PCT",
+                   help="least top-1 agreement with fp32 accepted, in percent (default: %(default)s)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="quantized model folder (hub folder + INT8 graph): use as --model")
+    p.add_argument("--backend", choices=INT8_BACKENDS, default=DEFAULT_INT8_BACKEND,
+                   help="openvino (NNCF; pip install 'mixnet[openvino]') or onnxruntime (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="image loading processes (default: %(default)s)")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("benchmark", help="images/s, latency and memory; side by side with timm")
     p.add_argument("--model", nargs="+", metavar="NAME", help="architectures (default: mixnet_s)")
     p.add_argument("--batch-size", type=int_list, default=[1, 32], metavar="N,N",
@@ -271,9 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "torch.compile, onnxruntime) and timm's")
     p.add_argument("--train", action="store_true", help="time a training step instead of inference")
     p.add_argument("--compare", nargs="+", choices=["timm"], help="run timm's same model alongside")
-    p.add_argument("--paths", metavar="P,P", help="exactly these paths (overrides --fast/--compare), from: "
-                   "mixnet, mixnet-fast, mixnet-fast-compile, mixnet-onnxruntime, timm, timm-cl, "
-                   "timm-compile, timm-onnxruntime; with --train: mixnet, mixnet-cl, timm, timm-cl")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
+                   help="bf16 / int8: our OpenVINO bf16 / INT8 (OpenVINO, onnxruntime) paths against our fp32 "
+                        "runtime paths, and timm's peers with --compare timm (default: fp32)")
+    p.add_argument("--calibration", metavar="DIR", help="photos calibrating the INT8 paths, ours and timm's "
+                                                        "(default: random images, enough for timing)")
+    p.add_argument("--paths", metavar="P,P", help="exactly these paths (overrides --fast/--compare/--precision), "
+                   "from: mixnet, mixnet-fast, mixnet-fast-compile, mixnet-onnxruntime, mixnet-openvino[-bf16|-int8], "
+                   "mixnet-onnxruntime-int8, timm, timm-cl, timm-compile, timm-onnxruntime, "
+                   "timm-openvino[-bf16|-int8], timm-onnxruntime-int8; with --train: mixnet, mixnet-cl, timm, timm-cl")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per path (default: 3)")
     p.add_argument("--repeats", type=positive_int, default=20, metavar="N",
                    help="interleaved timed rounds (default: %(default)s)")
@@ -302,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server log; info logs every request (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
-    from .recipes import add_arguments as add_train_arguments
+    from .training.config import add_arguments as add_train_arguments
 
     p = sub.add_parser("train", help="train or fine-tune on an ImageFolder dataset (resumable; torchrun for DDP)")
     add_train_arguments(p)

@@ -3,3 +3,9 @@
 
 class MixNetError(Exception):
     """A problem with the user's input (a file, a name, an argument), stated in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (library errors often run to many), else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

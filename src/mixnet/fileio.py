@@ -1,4 +1,5 @@
-"""Crash-safe file writing: a reader sees the old file or the new one, never half of one."""
+"""Files: the path type, crash-safe writing (a reader sees the old file or the new one, never half of
+one), and the cache folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from pathlib import Path
 from typing import IO, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+CACHE_DIR_ENV = "MIXNET_CACHE_DIR"
+
+
+def mixnet_cache_dir() -> Path:
+    """``$MIXNET_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/mixnet`` (``~/.cache/mixnet``): where mixnet
+    keeps files of its own (weights go to torch's shared folder unless ``$MIXNET_CACHE_DIR`` is set)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mixnet"
 
 
 def _umask() -> int:

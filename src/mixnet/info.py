@@ -18,22 +18,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .configs import MODELS
-from .data import eval_resize_size
+from .models.architectures import MODELS
+from .data.images import eval_resize_size
 from .errors import MixNetError
-from .fileio import atomic_write
-from .model import create_model, list_models
+from .fileio import atomic_write, mixnet_cache_dir
+from .factory import create_model, list_models
 
 MACS_CONVENTION = "conv + linear multiply-adds"
 CACHE_FILE = "model_stats.json"
 
 
 def stats_cache_path() -> Path:
-    """``$MIXNET_CACHE_DIR/model_stats.json``, else ``$XDG_CACHE_HOME/mixnet/`` (``~/.cache/mixnet``)."""
-    if os.environ.get("MIXNET_CACHE_DIR"):
-        return Path(os.environ["MIXNET_CACHE_DIR"]).expanduser() / CACHE_FILE
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "mixnet" / CACHE_FILE
+    """``model_stats.json`` in mixnet's cache folder (``fileio.mixnet_cache_dir``)."""
+    return mixnet_cache_dir() / CACHE_FILE
 
 
 def _stats_key(name: str, input_size: Sequence[int]) -> str:
@@ -94,7 +91,7 @@ def resolve_architecture(name: str) -> str:
 
 def pretrained_weights(architecture: str) -> List[dict]:
     """The published weights of an architecture with their reported accuracy and file size."""
-    from .weights import WEIGHTS, list_pretrained
+    from .pretrained.registry import WEIGHTS, list_pretrained
 
     rows = []
     for tag in list_pretrained(architecture):

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from .errors import MixNetError
+from ..errors import MixNetError
 
 
 @dataclass
@@ -71,6 +71,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16: GPU only, with a gradient scaler)
     channels_last: bool = False
     sync_bn: bool = False
+    freeze_bn: bool = False  # BatchNorm in eval mode: running statistics used, not updated (tiny batches)
     workers: int = 2
     threads: Optional[int] = None  # torch threads per process; None: torch's default (all cores)
     seed: int = 0
@@ -89,6 +90,9 @@ class TrainConfig:
             if recipe not in RECIPES:
                 raise MixNetError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
             values.update(RECIPES[recipe], recipe=recipe)
+        if recipe == "small-data" and "warmup_epochs" not in overrides:
+            # Warm-up scales with the budget: 2 epochs of 5 would spend 40% of a short run warming up.
+            values["warmup_epochs"] = min(2.0, max(0.5, 0.1 * overrides.get("epochs", values["epochs"])))
         values.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)

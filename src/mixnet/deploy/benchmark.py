@@ -19,28 +19,46 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import MixNetError
-from .model import create_model
-from .optimize import optimize_for_inference
+from ..errors import MixNetError
+from ..factory import create_model
+from ..models.fusion import optimize_for_inference
 
 # Inference paths. "mixnet*" are ours, "timm*" the oracle's; "-cl" = channels_last,
-# "-compile" = torch.compile, "-onnxruntime" = exported to ONNX and run by onnxruntime.
+# "-compile" = torch.compile, "-onnxruntime" / "-openvino" = exported to ONNX and run by that runtime,
+# "-bf16" = OpenVINO's bf16 precision hint, "-int8" = quantized (deploy/quantize.py: NNCF for OpenVINO,
+# quantize_static for onnxruntime) on the same calibration images for ours and timm's.
 OURS_EAGER = "mixnet"
 OURS_FAST = ("mixnet-fast", "mixnet-fast-compile", "mixnet-onnxruntime")
 TIMM_EAGER = ("timm", "timm-cl")
 TIMM_FAST = ("timm-compile", "timm-onnxruntime")
-INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST
+# Per precision: our paths and timm's peers; the fp32 runtime paths are the baselines they are read against.
+LOW_PRECISION = {
+    "fp32": (("mixnet-onnxruntime", "mixnet-openvino"), ("timm-onnxruntime", "timm-openvino")),
+    "bf16": (("mixnet-openvino-bf16",), ("timm-openvino-bf16",)),
+    "int8": (("mixnet-openvino-int8", "mixnet-onnxruntime-int8"), ("timm-openvino-int8", "timm-onnxruntime-int8")),
+}
+INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST  # the fp32 paths of PyTorch and onnxruntime
+RUNTIME_PATHS = tuple(p for ours, timm in LOW_PRECISION.values() for p in ours + timm if p not in INFER_PATHS)
+CALIBRATION_IMAGES = 32  # per INT8 path; speed does not depend on the calibration images
 TRAIN_PATHS = ("mixnet", "mixnet-cl", "timm", "timm-cl")
 SETTLE_S = 0.05  # idle time before each timed call (see measure)
 
 
-def default_paths(fast: bool, compare_timm: bool, train: bool) -> List[str]:
-    """The paths measured for the given CLI flags."""
+def default_paths(fast: bool, compare_timm: bool, train: bool,
+                  precisions: Sequence[str] = ("fp32",)) -> List[str]:
+    """The paths measured for the given CLI flags. A precision other than fp32 measures our paths of
+    that precision against our fp32 runtime paths (and timm's peers of each, with ``compare_timm``)."""
     if train:
         return [p for p in TRAIN_PATHS if compare_timm or p.startswith("mixnet")]
-    paths = [OURS_EAGER] + (list(OURS_FAST) if fast else [])
-    if compare_timm:
-        paths += list(TIMM_EAGER) + (list(TIMM_FAST) if fast else [])
+    if list(precisions) == ["fp32"]:
+        paths = [OURS_EAGER] + (list(OURS_FAST) if fast else [])
+        if compare_timm:
+            paths += list(TIMM_EAGER) + (list(TIMM_FAST) if fast else [])
+        return paths
+    paths = []
+    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
+        ours, timm = LOW_PRECISION[precision]
+        paths += list(ours) + (list(timm) if compare_timm else [])
     return paths
 
 
@@ -82,10 +100,13 @@ def _timm_model(name: str, reference: nn.Module) -> nn.Module:
     return model
 
 
-def _onnxruntime_runner(model: nn.Module, workdir: Path, tag: str, optimize: bool):
-    from .export import EXAMPLE_SHAPE, OnnxRuntimeModel, export_model, _dynamic_dims
+def _onnx_file(model: nn.Module, workdir: Path, tag: str, optimize: bool) -> Path:
+    """``model`` exported to ONNX in ``workdir`` (once per tag): ours through export_model, timm's as it is."""
+    from .export import EXAMPLE_SHAPE, export_model, _dynamic_dims
 
     path = workdir / f"{tag}.onnx"
+    if path.is_file():
+        return path
     if optimize:
         export_model(model, path, "onnx", check=False)
     else:  # timm's model as it is, through the same exporter
@@ -96,11 +117,55 @@ def _onnxruntime_runner(model: nn.Module, workdir: Path, tag: str, optimize: boo
             program = torch.onnx.export(model, (torch.randn(EXAMPLE_SHAPE),), dynamo=True,
                                         verbose=False, dynamic_shapes=_dynamic_dims())
         program.save(str(path))
-    return OnnxRuntimeModel(path)
+    return path
 
 
-def build_path(path: str, model: nn.Module, name: str, workdir: Path) -> Callable[[Tensor], Tensor]:
-    """A callable for one inference path of ``model`` (ours, eval mode, random weights)."""
+def _onnxruntime_runner(model: nn.Module, workdir: Path, tag: str, optimize: bool):
+    from .export import OnnxRuntimeModel
+
+    return OnnxRuntimeModel(_onnx_file(model, workdir, tag, optimize))
+
+
+def _runtime_path(path: str, model: nn.Module, workdir: Path, tag: str, optimize: bool,
+                  calibration: Sequence) -> Callable[[Tensor], Tensor]:
+    """The -openvino[-bf16|-int8] and -onnxruntime-int8 paths, of ours (optimize) or timm's model."""
+    from .quantize import int8_runner, quantize_onnx
+    from .runtimes import OpenVinoModel, check_bf16_cpu
+
+    source = _onnx_file(model, workdir, tag, optimize)
+    if path.endswith("-int8"):
+        backend = "openvino" if "-openvino" in path else "onnxruntime"
+        graph = workdir / f"{tag}_{backend}_int8{'.xml' if backend == 'openvino' else '.onnx'}"
+        if not graph.is_file():
+            quantize_onnx(source, graph, calibration, backend)
+        return int8_runner(graph, backend)
+    if path.endswith("-bf16"):
+        check_bf16_cpu()
+    return OpenVinoModel(source, "bf16" if path.endswith("-bf16") else "f32")
+
+
+def calibration_arrays(model: nn.Module, image_size: int, folder=None, count: int = CALIBRATION_IMAGES,
+                       seed: int = 0) -> List:
+    """Images for the INT8 paths: ``count`` photos of ``folder`` through the eval transform at
+    ``image_size``, or without a folder random normal images (enough to time a graph, not to use it)."""
+    if folder is None:
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randn(1, 3, image_size, image_size, generator=generator).numpy() for _ in range(count)]
+    from ..data.images import build_eval_transform, list_image_files
+    from .quantize import load_batches
+
+    files = list_image_files([folder])[:count]
+    transform = build_eval_transform(model, input_size=(3, image_size, image_size))
+    arrays = [x[i:i + 1].numpy() for _, x in load_batches(model, files, transform=transform) for i in range(len(x))]
+    if not arrays:
+        raise MixNetError(f"{folder}: no readable image files for calibration")
+    return arrays
+
+
+def build_path(path: str, model: nn.Module, name: str, workdir: Path,
+               calibration: Sequence = ()) -> Callable[[Tensor], Tensor]:
+    """A callable for one inference path of ``model`` (ours, eval mode, random weights);
+    ``calibration`` (NCHW arrays) feeds the INT8 paths."""
     if path == "mixnet":
         return model
     if path == "mixnet-fast":
@@ -109,6 +174,8 @@ def build_path(path: str, model: nn.Module, name: str, workdir: Path) -> Callabl
         return optimize_for_inference(model, compile=True)
     if path == "mixnet-onnxruntime":
         return _onnxruntime_runner(model, workdir, name, optimize=True)
+    if path in RUNTIME_PATHS and path.startswith("mixnet"):
+        return _runtime_path(path, model, workdir, name, True, calibration)
     timm_model = _timm_model(name, model).eval()
     if path == "timm":
         return timm_model
@@ -118,7 +185,9 @@ def build_path(path: str, model: nn.Module, name: str, workdir: Path) -> Callabl
         return torch.compile(timm_model)
     if path == "timm-onnxruntime":
         return _onnxruntime_runner(timm_model, workdir, f"timm_{name}", optimize=False)
-    raise MixNetError(f"unknown benchmark path {path!r}; choose from {', '.join(INFER_PATHS)}")
+    if path in RUNTIME_PATHS:
+        return _runtime_path(path, timm_model, workdir, f"timm_{name}", False, calibration)
+    raise MixNetError(f"unknown benchmark path {path!r}; choose from {', '.join(INFER_PATHS + RUNTIME_PATHS)}")
 
 
 def build_train_step(path: str, model: nn.Module, name: str, batch_size: int):
@@ -204,13 +273,14 @@ def measure(runners: Dict[str, Callable[[Tensor], object]], x: Tensor, warmup: i
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequence[str],
                   train: bool = False, image_size: int = 224, warmup: int = 3, repeats: int = 20,
                   num_threads: Optional[int] = None, seed: int = 0,
-                  show_progress: bool = True) -> List[Measurement]:
-    """Measure every path on every model and batch size; one Measurement per combination."""
+                  show_progress: bool = True, calibration=None) -> List[Measurement]:
+    """Measure every path on every model and batch size; one Measurement per combination.
+    ``calibration`` (a folder of photos) calibrates the INT8 paths, ours and timm's alike."""
     from tqdm import tqdm
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    known = TRAIN_PATHS if train else INFER_PATHS
+    known = TRAIN_PATHS if train else INFER_PATHS + RUNTIME_PATHS
     unknown = [p for p in paths if p not in known]
     if unknown:
         raise MixNetError(f"unknown benchmark path(s) {', '.join(unknown)} for "
@@ -225,6 +295,8 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
                 model = randomize_batchnorm(create_model(name), seed).eval()
             except ValueError as e:
                 raise MixNetError(str(e)) from None
+            calib = (calibration_arrays(model, image_size, calibration, seed=seed)
+                     if any(p.endswith("-int8") for p in paths) else [])
             for batch_size in batch_sizes:
                 x = torch.randn(batch_size, 3, image_size, image_size,
                                 generator=torch.Generator().manual_seed(seed))
@@ -235,7 +307,7 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
                         bar.set_postfix_str(f"{name} b{batch_size} building {path}")
                         start = time.perf_counter()
                         run = (build_train_step(path, model, name, batch_size) if train
-                               else build_path(path, model, name, Path(tmp)))
+                               else build_path(path, model, name, Path(tmp), calib))
                         run(x)  # the first call (compilation happens here) counts as setup
                         setup_s[path] = time.perf_counter() - start
                         memory[path] = peak_memory_mb(lambda: run(x))

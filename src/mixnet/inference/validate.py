@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import LabelledImageFolder, PathLike, build_eval_transform, collate, folder_classes
-from .errors import MixNetError
-from .imagenet import imagenet_class_names, imagenet_wnids
-from .inference import Forward, class_names, eval_mode, model_device, num_classes_of
+from ..data.images import LabelledImageFolder, build_eval_transform, collate, folder_classes
+from ..errors import MixNetError
+from ..data.imagenet import imagenet_class_names, imagenet_wnids
+from ..fileio import PathLike
+from .predict import Forward, class_names, eval_mode, model_device, num_classes_of
 
 
 def _normalize_label(label: str) -> str:

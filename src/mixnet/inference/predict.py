@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageList, PathLike, build_eval_transform, collate, list_image_files
-from .errors import MixNetError
-from .imagenet import imagenet_class_names
+from ..data.images import ImageList, build_eval_transform, collate, list_image_files
+from ..errors import MixNetError
+from ..fileio import PathLike
+from ..data.imagenet import imagenet_class_names
 
 Forward = Callable[[Tensor], Tensor]
 ImageSource = Union[PathLike, Image.Image]
@@ -50,9 +51,10 @@ def class_names(model) -> List[str]:
 
 def resolve_model(model_name: Optional[str] = None, weights: Optional[str] = None) -> nn.Module:
     """The model for ``predict`` / ``validate`` from ``--model`` (an architecture or a weights tag) and
-    ``--weights`` (a file, a folder or a tag), in eval mode; with neither, ``mixnet.weights.DEFAULT_TAG``.
+    ``--weights`` (a file, a folder or a tag), in eval mode; with neither, ``mixnet.pretrained.registry.DEFAULT_TAG``.
     An architecture alone gets its published weights."""
-    from .weights import DEFAULT_TAG, load_model
+    from ..factory import load_model
+    from ..pretrained.registry import DEFAULT_TAG
 
     if weights is None:
         return load_model(model_name or DEFAULT_TAG).eval()

@@ -21,9 +21,8 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from .errors import MixNetError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from ..errors import MixNetError
+from ..fileio import PathLike
 
 # Lower-case suffixes of the formats we load; matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .blocks import DepthwiseSeparable, InvertedResidual
 from .layers import Conv2dSame, MixedConv2d
-from .model import MixNet, MixNetFeatures, MixNetTrunk
+from .network import MixNet, MixNetFeatures, MixNetTrunk
 
 # (conv, batch norm) attribute pairs per module type: the batch norm directly follows the conv.
 CONV_BN_PAIRS: Dict[type, Tuple[Tuple[str, str], ...]] = {

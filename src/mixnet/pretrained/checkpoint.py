@@ -1,10 +1,11 @@
-"""Pretrained weights: the registry of published checkpoints, safe loading, and the hub folder format.
+"""Checkpoints: reading weights safely, filling a model with them, and writing the hub folder format.
 
 Where weights come from (``spec`` in ``load_model``, ``pretrained`` in ``create_model``):
 
 - a tag of the registry ``WEIGHTS``, e.g. ``"mixnet_l.ft_in1k"``: fetched from the cache, else the GitHub
-  release URL, else the Hugging Face hub (see ``hub`` for cache and mirrors), always checked against
-  the registered sha256; ``DEFAULT_TAG`` (``"mixnet_s.imagenette"``) ships inside the package;
+  release URL, else the Hugging Face hub (only where a digest of its copy is registered; see ``download``
+  for cache and mirrors), always checked against the registered sha256; ``DEFAULT_TAG``
+  (``"mixnet_s.imagenette"``) ships inside the package;
 - an architecture name, e.g. ``"mixnet_l"`` (``pretrained=True`` in ``create_model``): its default tag,
   the first registered for it;
 - a weights file: timm-style ``.pth``/``.bin`` (a bare state dict, or a training checkpoint holding
@@ -24,16 +25,17 @@ interpolation, mean, std) and, whenever the classes of the loaded classifier are
 ``class_names`` (the ImageNet-1k names for the published tags, the saved names for a fine-tuned model),
 plus ``architecture``, ``tag`` (registry tags only) and ``file`` (what was read).
 
-The built-in ``mixnet_s.imagenette`` weights are two package files, ``weights/mixnet_s.imagenette.safetensors``
-and ``weights/mixnet_s.imagenette.json`` (the ``config.json`` that ``save_pretrained`` writes), with the
-sha256 of the ``.safetensors`` file registered below.
+The built-in ``mixnet_s.imagenette`` weights are two package files, ``files/mixnet_s.imagenette.safetensors``
+and ``files/mixnet_s.imagenette.json`` (the ``config.json`` that ``save_pretrained`` writes), with the
+sha256 of the ``.safetensors`` file registered in ``registry``.
+
+This module fills models it is given; building them by name is ``mixnet.factory``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,84 +45,21 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import hub
-from .configs import MODELS, MixNetConfig, PretrainedCfg
-from .errors import MixNetError
-from .fileio import atomic_write
-from .imagenet import imagenet_class_names
+from ..data.imagenet import imagenet_class_names
+from ..errors import MixNetError, first_line
+from ..fileio import PathLike, atomic_write
+from ..models.architectures import MODELS, MixNetConfig, PretrainedCfg
+from . import download
+from .registry import WEIGHTS, WeightsEntry, default_tag
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-RELEASE_BASE = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights"
 HUB_CONFIG = "config.json"
 HUB_SAFETENSORS = "model.safetensors"
 HUB_PYTORCH = "pytorch_model.bin"
 RUN_MODEL_DIRNAME = "final"
-SOURCES = ("auto", "github", "hf")
+PACKAGE_FILES = Path(str(resources.files(__package__).joinpath("files")))  # the built-in weights
 
-
-@dataclass(frozen=True)
-class WeightsEntry:
-    """One published checkpoint: where it lives, how to verify it, and its model card figures."""
-
-    tag: str  # "<architecture>.<training recipe>", as timm names it
-    sha256: Optional[str]  # the full digest or its leading hex digits (release files carry 8 in their name)
-    url: Optional[str] = None  # GitHub release file
-    hf_hub_id: Optional[str] = None  # Hugging Face hub repository holding model.safetensors
-    package_file: Optional[str] = None  # file under mixnet/weights/, its config.json beside it as <stem>.json
-    file_size: Optional[int] = None  # bytes of the release file
-    top1: Optional[float] = None  # ImageNet-1k validation accuracy, %
-    top5: Optional[float] = None
-    imagenet_classes: bool = True  # False: class names (and preprocessing) come from the shipped config
-    pretrained_cfg: PretrainedCfg = field(default_factory=PretrainedCfg)
-    license: str = "apache-2.0"
-
-    @property
-    def architecture(self) -> str:
-        return self.tag.split(".", 1)[0]
-
-    @property
-    def filename(self) -> str:
-        return (self.url or self.package_file or "").rsplit("/", 1)[-1]
-
-
-def _release(tag: str, file: str, size: Optional[int], top1: float, top5: float) -> WeightsEntry:
-    return WeightsEntry(tag, sha256=file.rsplit("-", 1)[1].split(".")[0], url=f"{RELEASE_BASE}/{file}",
-                        hf_hub_id=f"timm/{tag}", file_size=size, top1=top1, top5=top5)
-
-
-DEFAULT_SHA256 = "a6c83addb45aeada7e0171d6139d6f68638f30f2d3e2f871b3f47423b809c219"
-
-WEIGHTS: Dict[str, WeightsEntry] = {e.tag: e for e in (
-    _release("mixnet_s.ft_in1k", "mixnet_s-a907afbc.pth", 16_727_982, 75.99, 92.79),
-    _release("mixnet_m.ft_in1k", "mixnet_m-4647fc68.pth", 20_298_347, 77.27, 93.42),
-    _release("mixnet_l.ft_in1k", "mixnet_l-5a9a2ed8.pth", 29_608_232, 78.98, 94.18),
-    _release("mixnet_xl.ra_in1k", "mixnet_xl_ra-aac3c00c.pth", 48_001_170, 80.47, 94.93),
-    _release("tf_mixnet_s.in1k", "tf_mixnet_s-89d3354b.pth", None, 75.66, 92.63),
-    _release("tf_mixnet_m.in1k", "tf_mixnet_m-0f4d8805.pth", None, 76.95, 93.16),
-    _release("tf_mixnet_l.in1k", "tf_mixnet_l-6c92e0c8.pth", None, 78.77, 94.00),
-    # Trained here from scratch on Imagenette (10 classes); made by scripts/package_default_model.py, which
-    # prints the sha256 to put here. Figures: Imagenette val top-1/top-5 (`mixnet validate`), not ImageNet.
-    WeightsEntry("mixnet_s.imagenette", sha256=DEFAULT_SHA256, package_file="mixnet_s.imagenette.safetensors",
-                 top1=91.18, top5=98.93, imagenet_classes=False,
-                 license="non-commercial research (ImageNet images)"),
-)}
-
-DEFAULT_TAG = "mixnet_s.imagenette"
-
-
-def list_pretrained(architecture: Optional[str] = None) -> List[str]:
-    """Registered tags, optionally only those of one architecture."""
-    return [t for t, e in WEIGHTS.items() if architecture in (None, e.architecture)]
-
-
-def default_tag(architecture: str) -> str:
-    """The tag ``pretrained=True`` loads for ``architecture`` (the first published one)."""
-    tags = [t for t in list_pretrained(architecture) if WEIGHTS[t].url]
-    if not tags:
-        have = sorted({e.architecture for e in WEIGHTS.values() if e.url})
-        raise MixNetError(f"no published weights for {architecture} (published: {', '.join(have)})")
-    return tags[0]
+class CheckpointMismatch(MixNetError):
+    """The weights' names or shapes do not fit the model they were to fill."""
 
 
 @dataclass
@@ -162,7 +101,7 @@ def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, Tensor]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise MixNetError(f"{path}: not a readable safetensors file (truncated or corrupt: "
-                              f"{_first_line(e)})") from None
+                              f"{first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -170,7 +109,7 @@ def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, Tensor]:
             raise MixNetError(f"{path}: refused: the file's pickle holds objects other than tensors "
                               f"(code could run); only plain weights are loaded") from None
         raise MixNetError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                          f"{_first_line(e)})") from None
+                          f"{first_line(e)})") from None
     return _unwrap_checkpoint(obj, path, use_ema)
 
 
@@ -193,11 +132,6 @@ def _strip_prefixes(key: str) -> str:
         while key.startswith(prefix):
             key = key[len(prefix):]
     return key
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_hub_folder(folder: PathLike, config_file: Optional[PathLike] = None,
@@ -243,7 +177,7 @@ def _read_config(path: Path) -> dict:
     except FileNotFoundError:
         raise MixNetError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MixNetError(f"{path}: not a readable JSON config ({_first_line(e)})") from None
+        raise MixNetError(f"{path}: not a readable JSON config ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise MixNetError(f"{path}: not a JSON object")
     return config
@@ -282,7 +216,7 @@ def _read_registered(entry: WeightsEntry, cache_dir, url_base, source, progress)
         weights_file, config_file = _package_files(entry)
         checkpoint = read_hub_folder(weights_file.parent, config_file=config_file, weights_file=weights_file)
     else:
-        path = fetch(entry.tag, cache_dir, url_base, source, progress)
+        path = download.fetch(entry, cache_dir, url_base, source, progress)
         checkpoint = Checkpoint(read_state_dict(path), str(path))
         checkpoint.preprocess = {k: v for k, v in entry.pretrained_cfg.to_dict().items()
                                  if k not in ("num_classes",)}
@@ -293,65 +227,17 @@ def _read_registered(entry: WeightsEntry, cache_dir, url_base, source, progress)
 
 
 def _package_files(entry: WeightsEntry):
-    folder = Path(str(resources.files(__package__).joinpath("weights")))
-    weights_file = folder / entry.package_file
+    weights_file = PACKAGE_FILES / entry.package_file
     config_file = weights_file.with_suffix(".json")
     missing = [str(p) for p in (weights_file, config_file) if not p.is_file()]
     if missing:
         raise MixNetError(f"{entry.tag}: the built-in weights are not in this installation "
                           f"({', '.join(missing)} missing)")
     if not entry.sha256:
-        raise MixNetError(f"{entry.tag}: {weights_file} has no sha256 registered in mixnet.weights.WEIGHTS; "
+        raise MixNetError(f"{entry.tag}: {weights_file} has no sha256 registered in mixnet.pretrained.registry.WEIGHTS; "
                           f"refusing to load unverified weights")
-    hub.check_sha256(weights_file, entry.sha256)
+    download.check_sha256(weights_file, entry.sha256)
     return weights_file, config_file
-
-
-def fetch(tag: str, cache_dir: Optional[PathLike] = None, url_base: Optional[str] = None,
-          source: str = "auto", progress: bool = True) -> Path:
-    """The verified local file of a published tag: from the cache, else downloaded.
-
-    ``source``: "github" (the release URL), "hf" (the Hugging Face hub), or "auto": GitHub first, then
-    the hub when GitHub cannot be reached or lacks the file (never after a hash mismatch).
-    """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    entry = WEIGHTS[tag]
-    dest = hub.default_cache_dir(cache_dir) / entry.filename
-    url = hub.release_url(entry.url, url_base)
-    if source != "hf" and dest.is_file():
-        try:
-            hub.check_sha256(dest, entry.sha256)
-        except MixNetError as e:
-            raise MixNetError(f"{e}; delete the cached file to download it again") from None
-        return dest
-    use_hub = source == "hf" or (source == "auto" and entry.hf_hub_id)
-    if use_hub and source == "auto":  # the hub's cache counts as a cache too
-        try:
-            return hub.hf_download(entry.hf_hub_id, HUB_SAFETENSORS, cache_dir, local_only=True)
-        except hub.DownloadError:
-            pass
-    failures = []
-    if hub.is_offline():
-        failures.append("offline (HF_HUB_OFFLINE is set)")
-    else:
-        if source != "hf":
-            try:
-                return hub.download(url, dest, entry.sha256, progress)
-            except hub.DownloadError as e:
-                if not (use_hub and e.retry_elsewhere):
-                    raise
-                failures.append(str(e))
-        if use_hub:
-            try:
-                return hub.hf_download(entry.hf_hub_id, HUB_SAFETENSORS, cache_dir)
-            except hub.DownloadError as e:
-                if not e.retry_elsewhere:
-                    raise
-                failures.append(str(e))
-    raise MixNetError(f"{entry.tag}: weights file {entry.filename} is not cached and could not be "
-                      f"downloaded ({'; '.join(failures)}); fetch {url} yourself and put it at {dest} "
-                      f"(or point ${hub.CACHE_DIR_ENV} / cache_dir at the folder holding it)")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -419,59 +305,8 @@ def _check_fits(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], chec
         k = wrong[0]
         problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state_dict[k].shape)} in the "
                         f"file, {tuple(expected[k].shape)} in the model)")
-    guesses = guess_architectures(checkpoint.state_dict)
-    hint = f"; it looks like {' or '.join(guesses)} weights" if guesses else ""
-    raise MixNetError(f"{checkpoint.file}: does not fit {model_name or 'this model'}: "
-                      f"{', '.join(problems)}{hint}")
-
-
-def guess_architectures(state_dict: Dict[str, Tensor]) -> List[str]:
-    """Registered architectures whose weights have exactly these names and shapes (classifier aside).
-
-    The tf_ ports share their twin's shapes, so both are returned for those."""
-    from .model import create_model
-
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()
-              if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")}
-    in_chans = shapes.get("conv_stem.weight", (0, 3))[1]
-    matches = []
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        for name in MODELS:
-            reference = create_model(name, num_classes=0, in_chans=in_chans).state_dict()
-            if shapes == {k: tuple(v.shape) for k, v in reference.items()
-                          if not k.endswith("num_batches_tracked")}:
-                matches.append(name)
-    return matches
-
-
-def load_model(spec: Union[str, PathLike], *, architecture: Optional[str] = None,
-               num_classes: Optional[int] = None, in_chans: Optional[int] = None,
-               cache_dir: Optional[PathLike] = None, url_base: Optional[str] = None, source: str = "auto",
-               progress: bool = True, **create_kwargs) -> nn.Module:
-    """A model with weights, from a tag, an architecture name (its published weights), a file, a hub
-    folder or a training run directory. The architecture comes from the registry or the saved config,
-    else ``architecture``, else the weights' shapes; classes and input channels default to the
-    checkpoint's. ``create_kwargs`` go to ``create_model`` (``drop_rate``, ``features_only``, ...)."""
-    from .model import create_model
-
-    checkpoint = read_checkpoint(spec, cache_dir=cache_dir, url_base=url_base, source=source,
-                                 progress=progress)
-    if architecture and checkpoint.architecture and architecture != checkpoint.architecture:
-        raise MixNetError(f"{checkpoint.file}: holds {checkpoint.architecture} weights, not {architecture}")
-    architecture = architecture or checkpoint.architecture
-    if architecture is None:
-        guesses = guess_architectures(checkpoint.state_dict)
-        if not guesses:
-            raise MixNetError(f"{checkpoint.file}: these weights fit no known MixNet architecture")
-        if len(guesses) > 1:
-            raise MixNetError(f"{checkpoint.file}: weights fit {' and '.join(guesses)} alike (same shapes, "
-                              f"different padding); say which with architecture=")
-        architecture = guesses[0]
-    model = create_model(architecture,
-                         num_classes=checkpoint.num_classes if num_classes is None else num_classes,
-                         in_chans=checkpoint.in_chans if in_chans is None else in_chans,
-                         **{**checkpoint.architecture_args, **create_kwargs})
-    return apply_checkpoint(model, checkpoint)
+    raise CheckpointMismatch(f"{checkpoint.file}: does not fit {model_name or 'this model'}: "
+                             f"{', '.join(problems)}")
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -20,10 +20,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import MixNetError
-from .fileio import atomic_write
-from .model import MixNet
-from .optimize import optimize_for_inference
+from ..errors import MixNetError, first_line
+from ..fileio import PathLike, atomic_write
+from ..models.network import MixNet
+from ..models.fusion import optimize_for_inference
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript", ".pt2": "pt2"}
@@ -33,8 +33,6 @@ DEFAULT_TOLERANCE = 1e-4
 EXAMPLE_SHAPE = (2, 3, 64, 64)
 MIN_DYNAMIC_SIZE = 33
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def format_from_path(path: PathLike) -> str:
@@ -113,7 +111,7 @@ class OnnxRuntimeModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise MixNetError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+            raise MixNetError(f"{path}: not a loadable ONNX model ({first_line(e)})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -137,7 +135,7 @@ def load_exported(path: PathLike, fmt: Optional[str] = None) -> Callable[[Tensor
         if fmt == "pt2":
             return torch.export.load(str(path)).module()
     except Exception as e:
-        raise MixNetError(f"{path}: not a loadable {fmt} file ({str(e).splitlines()[0]})") from None
+        raise MixNetError(f"{path}: not a loadable {fmt} file ({first_line(e)})") from None
     raise MixNetError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
@@ -171,13 +169,15 @@ def compare_with_model(runner: Callable[[Tensor], Tensor], model: nn.Module,
 
 def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
                  tolerance: float = DEFAULT_TOLERANCE, check: bool = True,
-                 check_shapes: Optional[Sequence[Tuple[int, int, int, int]]] = None) -> ExportResult:
+                 check_shapes: Optional[Sequence[Tuple[int, int, int, int]]] = None,
+                 merge_mixconv: bool = True) -> ExportResult:
     """Write ``model`` (eval mode, inference form) to ``output`` and check the file reproduces it.
 
     The check runs the written file on random input of ``check_shapes`` (default: batch 1 at the
     model's input size and batch 3 at an odd size). Raises MixNetError, and leaves no file behind,
     when the exported model differs from the PyTorch model by more than ``tolerance`` on any logit
-    (relative to the logits' scale when that exceeds 1).
+    (relative to the logits' scale when that exceeds 1). ``merge_mixconv=False`` keeps each MixConv as
+    its separate depthwise convs (the graph some runtimes run faster, see deploy/quantize.py).
     """
     if not isinstance(model, MixNet):
         raise MixNetError(f"export expects a MixNet classifier, got {type(model).__name__}")
@@ -186,7 +186,7 @@ def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
         raise MixNetError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     output = Path(output)
     model = model.eval()
-    module = optimize_for_inference(model, channels_last=False)
+    module = optimize_for_inference(model, merge_mixconv=merge_mixconv, channels_last=False)
     example = torch.randn(EXAMPLE_SHAPE[0], _input_channels(model), *EXAMPLE_SHAPE[2:])
     data = EXPORTERS[fmt](module, example)
 

@@ -1,9 +1,10 @@
-"""The MixNet network, its feature-pyramid form, and ``create_model``."""
+"""The MixNet network and its feature-pyramid form. Builds from a ``MixNetConfig``; knows no files.
+
+``mixnet.factory.create_model`` builds these by name and fills them with weights."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from functools import partial
 from typing import List, Optional, Sequence
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import DepthwiseSeparable, InvertedResidual
-from .configs import FEATURE_STAGES, MODELS, MixNetConfig, PretrainedCfg, scale_stage_depth
+from .architectures import FEATURE_STAGES, MixNetConfig, PretrainedCfg, scale_stage_depth
 from .layers import activation, conv2d, round_channels
 
 # Five stride-2 layers take 32 pixels to 1; smaller inputs are refused rather than silently degraded.
@@ -56,9 +57,11 @@ def _validate(num_classes: int, in_chans: int, drop_rate: float, drop_path_rate:
 class MixNetTrunk(nn.Module):
     """Stem and block stages, shared by the classifier and the feature-pyramid model."""
 
-    def __init__(self, config: MixNetConfig, in_chans: int, drop_path_rate: float):
+    def __init__(self, config: MixNetConfig, in_chans: int, drop_path_rate: float,
+                 model_name: Optional[str] = None):
         super().__init__()
         self.config = config
+        self.model_name = model_name  # the registered architecture this was built as, if any
         self.in_chans = in_chans
         self.min_input_size = MIN_INPUT_SIZE
         norm_layer = partial(nn.BatchNorm2d, eps=config.bn_eps, momentum=config.bn_momentum)
@@ -107,11 +110,20 @@ class MixNetTrunk(nn.Module):
         return self.act1(self.bn1(self.conv_stem(x)))
 
 
-def init_weights(module: nn.Module) -> None:
-    """The reference initialisation, so from-scratch training behaves like the paper's.
+HEAD_INITS = ("zero", "reference")
 
-    Conv: normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out / groups; linear: uniform(+-1/sqrt(out)).
+
+def init_weights(module: nn.Module, head_init: str = "zero") -> None:
+    """The reference initialisation for convolutions and batch norm; the classifier per ``head_init``.
+
+    Conv: normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out / groups. Classifier: "zero" (the default)
+    starts every class at the same logit, so the first loss is ln(num_classes) whatever the number of
+    classes; "reference" is the paper's uniform(+-1/sqrt(num_classes)), sane for 1,000 classes but for
+    10 it gives logits with a std of about 4 and a first loss near 6 instead of ln 10 = 2.3, which
+    costs the first epochs of a small-data run (kept for exact reproductions).
     """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
@@ -122,8 +134,11 @@ def init_weights(module: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            bound = 1.0 / math.sqrt(m.weight.size(0))
-            nn.init.uniform_(m.weight, -bound, bound)
+            if head_init == "zero":
+                nn.init.zeros_(m.weight)
+            else:
+                bound = 1.0 / math.sqrt(m.weight.size(0))
+                nn.init.uniform_(m.weight, -bound, bound)
             nn.init.zeros_(m.bias)
 
 
@@ -134,9 +149,10 @@ class MixNet(MixNetTrunk):
 
     def __init__(self, config: MixNetConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 pretrained_cfg: Optional[PretrainedCfg] = None):
+                 pretrained_cfg: Optional[PretrainedCfg] = None, model_name: Optional[str] = None,
+                 head_init: str = "zero"):
         _validate(num_classes, in_chans, drop_rate, drop_path_rate)
-        super().__init__(config, in_chans, drop_path_rate)
+        super().__init__(config, in_chans, drop_path_rate, model_name)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.num_features = config.head_channels
@@ -147,7 +163,8 @@ class MixNet(MixNetTrunk):
         self.classifier = self._make_classifier(num_classes)
         cfg = dataclasses.replace(pretrained_cfg or PretrainedCfg(), num_classes=num_classes)
         self.pretrained_cfg = cfg.to_dict()
-        init_weights(self)
+        self.head_init = head_init
+        init_weights(self, head_init)
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -164,7 +181,7 @@ class MixNet(MixNetTrunk):
         _validate(num_classes, self.in_chans, self.drop_rate, 0.0)
         self.num_classes = num_classes
         self.classifier = self._make_classifier(num_classes)
-        init_weights(self.classifier)
+        init_weights(self.classifier, self.head_init)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -186,9 +203,9 @@ class MixNetFeatures(MixNetTrunk):
 
     def __init__(self, config: MixNetConfig, in_chans: int = 3, drop_path_rate: float = 0.0,
                  out_indices: Optional[Sequence[int]] = None,
-                 pretrained_cfg: Optional[PretrainedCfg] = None):
+                 pretrained_cfg: Optional[PretrainedCfg] = None, model_name: Optional[str] = None):
         _validate(0, in_chans, 0.0, drop_path_rate)
-        super().__init__(config, in_chans, drop_path_rate)
+        super().__init__(config, in_chans, drop_path_rate, model_name)
         out_indices = tuple(range(len(FEATURE_STAGES))) if out_indices is None else tuple(out_indices)
         bad = [i for i in out_indices if not 0 <= i < len(FEATURE_STAGES)]
         if bad or not out_indices:
@@ -212,67 +229,3 @@ class MixNetFeatures(MixNetTrunk):
             if i in self.return_stages:
                 features.append(x)
         return features
-
-
-def list_models() -> List[str]:
-    """Names accepted by ``create_model``."""
-    return list(MODELS)
-
-
-def resolve_config(name: str, **overrides) -> MixNetConfig:
-    """The architecture registered under ``name``, with any ``MixNetConfig`` fields overridden."""
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (known: {', '.join(MODELS)})")
-    fields = {f.name for f in dataclasses.fields(MixNetConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"unknown argument(s) for {name}: {', '.join(unknown)}; "
-                        f"architecture fields that can be overridden: {', '.join(sorted(fields))}")
-    return dataclasses.replace(MODELS[name].config, **overrides)
-
-
-def create_model(name: str, pretrained=False, num_classes: Optional[int] = None, in_chans: int = 3,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, *, cache_dir=None,
-                 url_base: Optional[str] = None, source: str = "auto", progress: bool = True,
-                 **overrides) -> nn.Module:
-    """Build a MixNet by name, e.g. ``create_model("mixnet_s", num_classes=10)``.
-
-    ``pretrained``: False (random init), True (the architecture's published weights, also chosen by a
-    tagged name such as ``"mixnet_s.ft_in1k"``), a weights tag, or a file / hub folder / run directory
-    (see ``mixnet.weights``). ``num_classes`` defaults to the weights' classes, else 1000; a different
-    count leaves the classifier freshly initialised. ``cache_dir``, ``url_base``, ``source`` and
-    ``progress`` control downloading (``mixnet.weights.fetch``).
-
-    ``overrides`` replace fields of the architecture (``width_multiplier``, ``depth_multiplier``,
-    ``tf_padding``, ``bn_eps``, ...), so any MixNet scale can be built.
-    """
-    if "." in name and name not in MODELS:  # "arch.tag", as timm names weights
-        tag = name
-        name = name.split(".", 1)[0]
-        if pretrained is True:
-            pretrained = tag
-    config = resolve_config(name, **overrides)  # a bad name or argument fails before any download
-    checkpoint = None
-    if pretrained:
-        from .weights import read_checkpoint
-
-        checkpoint = read_checkpoint(name if pretrained is True else pretrained, cache_dir=cache_dir,
-                                     url_base=url_base, source=source, progress=progress)
-    if num_classes is None:
-        num_classes = checkpoint.num_classes if checkpoint is not None else 1000
-    pretrained_cfg = MODELS[name].pretrained_cfg
-    if features_only:
-        model: nn.Module = MixNetFeatures(config, in_chans, drop_path_rate, out_indices, pretrained_cfg)
-    else:
-        if out_indices is not None:
-            raise ValueError("out_indices only applies with features_only=True")
-        model = MixNet(config, num_classes, in_chans, drop_rate, drop_path_rate, pretrained_cfg)
-    model.model_name = name
-    if checkpoint is not None:
-        from .weights import apply_checkpoint
-
-        apply_checkpoint(model, checkpoint)
-    return model

@@ -6,6 +6,11 @@ which is where timm and ``torch.hub`` keep the same release files, so a file eit
 fetched is reused. Release URLs can be pointed at a mirror with ``$MIXNET_WEIGHTS_URL_BASE`` or the
 ``url_base`` argument (the file name is kept). ``HF_HUB_OFFLINE=1`` turns off all network access.
 
+Every source is checked against a digest registered in ``registry.WEIGHTS``, never against one the
+source supplies itself: the GitHub release file against ``sha256`` (the hex digits in its name), the
+Hugging Face copy against ``hf_sha256``. A tag with no ``hf_sha256`` is never fetched from the hub, not
+even as a fallback (at present no published tag has one: their full digests could not be verified).
+
 A download goes to ``<name>.part`` and is renamed to ``<name>`` only once its sha256 matches, so a file
 under its final name is always complete and verified. A dropped connection is retried a few times, each
 time resuming with an HTTP Range request; if it still fails the ``.part`` file is kept and the next call
@@ -22,20 +27,20 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .errors import MixNetError
+from ..errors import MixNetError, first_line
+from ..fileio import CACHE_DIR_ENV, PathLike, mixnet_cache_dir
+from .registry import SOURCES, WeightsEntry
 
-CACHE_DIR_ENV = "MIXNET_CACHE_DIR"
 URL_BASE_ENV = "MIXNET_WEIGHTS_URL_BASE"
 CHUNK_BYTES = 1 << 16
 DOWNLOAD_ATTEMPTS = 3
 TIMEOUT_S = 30.0
-
-PathLike = Union[str, "os.PathLike[str]"]
+HF_FILENAME = "model.safetensors"  # the file timm's hub repositories hold the weights in
 
 
 class DownloadError(MixNetError):
@@ -55,7 +60,7 @@ def default_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+        return mixnet_cache_dir()
     import torch.hub
 
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -86,14 +91,17 @@ def file_sha256(path: PathLike) -> str:
 
 
 def check_sha256(path: PathLike, expected: str) -> None:
-    """Raise if ``path`` does not hash to ``expected`` (a full digest or its leading hex digits)."""
+    """Raise if ``path`` does not hash to ``expected`` (a full digest or at least its first 8 hex digits)."""
+    if not re.fullmatch(r"[0-9a-fA-F]{8,64}", expected or ""):
+        # An empty prefix would match every file: refuse rather than accept anything.
+        raise MixNetError(f"{path}: no usable sha256 to check it against (got {expected!r})")
     actual = file_sha256(path)
     if not actual.startswith(expected.lower()):
         raise MixNetError(f"{path}: sha256 {actual[:len(expected)]}... does not match the expected "
                           f"{expected} (corrupt or not the published file)")
 
 
-def download(url: str, dest: PathLike, sha256: Optional[str], progress: bool = True,
+def download(url: str, dest: PathLike, sha256: str, progress: bool = True,
              attempts: int = DOWNLOAD_ATTEMPTS, timeout: float = TIMEOUT_S) -> Path:
     """Fetch ``url`` into ``dest`` through ``dest.part``, verify ``sha256``, then rename into place."""
     dest = Path(dest)
@@ -106,7 +114,7 @@ def download(url: str, dest: PathLike, sha256: Optional[str], progress: bool = T
         return _download_locked(url, dest, part, sha256, progress, attempts, timeout)
 
 
-def _download_locked(url: str, dest: Path, part: Path, sha256: Optional[str], progress: bool,
+def _download_locked(url: str, dest: Path, part: Path, sha256: str, progress: bool,
                      attempts: int, timeout: float) -> Path:
     for attempt in range(1, attempts + 1):
         try:
@@ -118,14 +126,13 @@ def _download_locked(url: str, dest: Path, part: Path, sha256: Optional[str], pr
                 raise DownloadError(f"{dest.name}: download from {url} broke off after {have:,} bytes "
                                     f"({e}); the partial file {part} is kept and the next try resumes it",
                                     retry_elsewhere=True) from None
-    if sha256:
-        try:
-            check_sha256(part, sha256)
-        except MixNetError:
-            actual = file_sha256(part)
-            part.unlink()
-            raise DownloadError(f"{dest.name}: the file served by {url} has sha256 {actual[:16]}..., not the "
-                                f"expected {sha256}; it was discarded", retry_elsewhere=False) from None
+    try:
+        check_sha256(part, sha256)
+    except MixNetError:
+        actual = file_sha256(part)
+        part.unlink()
+        raise DownloadError(f"{dest.name}: the file served by {url} has sha256 {actual[:16]}..., not the "
+                            f"expected {sha256}; it was discarded", retry_elsewhere=False) from None
     os.replace(part, dest)
     return dest
 
@@ -175,10 +182,10 @@ def _range_start(response) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def hf_download(repo_id: str, filename: str, cache_dir: Optional[PathLike] = None,
+def hf_download(repo_id: str, filename: str, sha256: str, cache_dir: Optional[PathLike] = None,
                 local_only: bool = False) -> Path:
     """A file of a Hugging Face hub repository via ``hf_hub_download`` (honours ``HF_ENDPOINT`` and
-    ``HF_HUB_OFFLINE``), checked against the sha256 the hub names its stored blobs by."""
+    ``HF_HUB_OFFLINE``), refused unless it hashes to ``sha256``, the digest registered for it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -191,12 +198,62 @@ def hf_download(repo_id: str, filename: str, cache_dir: Optional[PathLike] = Non
         raise DownloadError(f"{filename}: not in the Hugging Face cache for {repo_id} and the hub is "
                             f"unreachable or offline", retry_elsewhere=True) from None
     except Exception as e:  # the hub raises many kinds (HTTP, repo or file not found, network)
-        raise DownloadError(f"{filename}: Hugging Face hub {repo_id}: {str(e).splitlines()[0]}",
+        raise DownloadError(f"{filename}: Hugging Face hub {repo_id}: {first_line(e)}",
                             retry_elsewhere=True) from None
-    blob_name = Path(os.path.realpath(path)).name
-    if re.fullmatch(r"[0-9a-f]{64}", blob_name):  # LFS files are stored under their sha256
-        try:
-            check_sha256(path, blob_name)
-        except MixNetError as e:
-            raise DownloadError(str(e), retry_elsewhere=False) from None
+    try:
+        check_sha256(path, sha256)
+    except MixNetError as e:
+        raise DownloadError(f"{repo_id}/{filename}: refused, not the registered file ({e})",
+                            retry_elsewhere=False) from None
     return path
+
+
+def fetch(entry: WeightsEntry, cache_dir: Optional[PathLike] = None, url_base: Optional[str] = None,
+          source: str = "auto", progress: bool = True) -> Path:
+    """The verified local file of a published tag: from the cache, else downloaded.
+
+    ``source``: "github" (the release URL), "hf" (the Hugging Face hub), or "auto": GitHub first, then
+    the hub when GitHub cannot be reached or lacks the file (never after a hash mismatch). The hub is only
+    used for a tag whose hub file has a registered digest (``entry.hf_sha256``).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "hf" and not (entry.hf_hub_id and entry.hf_sha256):
+        raise MixNetError(f"{entry.tag}: no sha256 is registered for a Hugging Face copy, so it is not "
+                          f"loaded unverified; use source='github'")
+    dest = default_cache_dir(cache_dir) / entry.filename
+    url = release_url(entry.url, url_base)
+    if source != "hf" and dest.is_file():
+        try:
+            check_sha256(dest, entry.sha256)
+        except MixNetError as e:
+            raise MixNetError(f"{e}; delete the cached file to download it again") from None
+        return dest
+    use_hub = source == "hf" or (source == "auto" and entry.hf_hub_id and entry.hf_sha256)
+    if use_hub and source == "auto":  # the hub's cache counts as a cache too
+        try:
+            return hf_download(entry.hf_hub_id, HF_FILENAME, entry.hf_sha256, cache_dir, local_only=True)
+        except DownloadError as e:
+            if not e.retry_elsewhere:
+                raise
+    failures = []
+    if is_offline():
+        failures.append("offline (HF_HUB_OFFLINE is set)")
+    else:
+        if source != "hf":
+            try:
+                return download(url, dest, entry.sha256, progress)
+            except DownloadError as e:
+                if not (use_hub and e.retry_elsewhere):
+                    raise
+                failures.append(str(e))
+        if use_hub:
+            try:
+                return hf_download(entry.hf_hub_id, HF_FILENAME, entry.hf_sha256, cache_dir)
+            except DownloadError as e:
+                if not e.retry_elsewhere:
+                    raise
+                failures.append(str(e))
+    raise MixNetError(f"{entry.tag}: weights file {entry.filename} is not cached and could not be "
+                      f"downloaded ({'; '.join(failures)}); fetch {url} yourself and put it at {dest} "
+                      f"(or point ${CACHE_DIR_ENV} / cache_dir at the folder holding it)")

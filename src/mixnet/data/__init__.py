@@ -1,0 +1,1 @@
+"""Images in: loading and checking photos, folders of labelled photos, transforms, ImageNet class names."""

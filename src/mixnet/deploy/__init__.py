@@ -1,0 +1,1 @@
+"""Deploying a model: export to ONNX / TorchScript / PT2, and benchmarks against timm."""

@@ -1,0 +1,1 @@
+"""Using a model: ``predict`` on photos, ``validate`` on a labelled folder."""

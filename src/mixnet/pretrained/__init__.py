@@ -1,0 +1,1 @@
+"""Pretrained weights: the registry (data), verified downloads, and checkpoint reading, filling and saving."""

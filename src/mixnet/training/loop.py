@@ -1,0 +1,446 @@
+"""The training loop: ``train(TrainConfig)`` starts a run, ``resume(run_dir)`` continues one.
+
+A run directory's files are described in ``run_dir``; what the data looks like and how every random
+draw depends only on (seed, position) in ``sampling``; the process set-up in ``distributed``.
+Dropout, drop-path and mixup draw from (seed, optimizer update, rank), so a run resumed from any
+checkpoint continues exactly as the uninterrupted run would have (bit-identical on CPU with
+``deterministic=True``).
+
+Distributed: launch with ``torchrun --nproc-per-node N -m mixnet train ...`` (multi-node: add
+``--nnodes``, ``--node-rank``, ``--rdzv-endpoint`` as usual). ``batch_size`` is per process; the
+learning rate, unless given, is ``lr_base * global_batch / lr_base_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MixNetError
+from ..factory import create_model, fill
+from ..pretrained.checkpoint import read_checkpoint, save_pretrained
+from .config import TrainConfig
+from .distributed import (Runtime, all_reduce, any_process, average_buffers, rng_state, set_rng_state,
+                          setup_runtime, shutdown)
+from .optimizers import LRSchedule, ModelEma, create_optimizer, set_lr
+from .run_dir import (BEST, FINAL, LAST, Best, EpochTotals, TrainState, copy_checkpoint, load_checkpoint,
+                      save_checkpoint, write_metrics, write_run_config)
+from .sampling import build_data, discover_classes, mix_seed
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    completed: bool  # False: stopped by max_minutes (resume to continue)
+    best_top1: Optional[float]
+    best_epoch: Optional[int]
+    history: List[Dict[str, Any]]
+
+
+class NonFiniteLoss(MixNetError):
+    """The loss became NaN or infinite: training diverged."""
+
+
+class Trainer:
+    """One run: the model with its optimiser, EMA and data, and where training stands."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime, state: Optional[TrainState] = None):
+        cfg, rt = config, runtime
+        self.config, self.runtime = config, runtime
+        self.run_dir = Path(cfg.output)
+        self.reported_failures: Set[str] = set()
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.class_names = list(state.class_names) if state else discover_classes(cfg, self.log)
+
+        torch.manual_seed(mix_seed(cfg.seed, 0xC0FFEE))  # the same initial weights on every rank
+        model = create_model(cfg.model, num_classes=len(self.class_names), drop_rate=cfg.drop_rate,
+                             drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
+        if cfg.pretrained and state is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*classifier not loaded.*")
+                fill(model, read_checkpoint(cfg.pretrained))
+        self.data = build_data(cfg, rt, self.class_names, model.pretrained_cfg)
+        if cfg.sync_bn and rt.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(rt.device, memory_format=self.memory_format)
+        self.ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+        self.global_batch = cfg.batch_size * cfg.accum_steps * rt.world_size
+        self.lr = cfg.lr if cfg.lr is not None else cfg.lr_base * self.global_batch / cfg.lr_base_size
+        self.optimizer = create_optimizer(cfg.opt, model, self.lr, cfg.weight_decay, cfg.momentum, cfg.opt_eps)
+        self.schedule = LRSchedule(cfg.sched, self.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr,
+                                   cfg.min_lr, cfg.decay_epochs, cfg.decay_rate)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.ddp = (nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None) if rt.distributed else model)
+        self.mixer = build_mixer(cfg, len(self.class_names))
+
+        # Where training stands: what a checkpoint saves besides the tensors (see TrainState).
+        self.epoch, self.update, self.global_update = 0, 0, 0
+        self.history: List[Dict[str, Any]] = []
+        self.best = Best()
+        self.totals = EpochTotals()  # sums over the current epoch's updates
+        self.elapsed_before = 0.0  # seconds trained before this process started
+        self.started = time.monotonic()
+        if state is not None:
+            self.restore(state)
+
+    def log(self, message: str) -> None:
+        if self.runtime.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    # --- checkpoints
+
+    def checkpoint(self) -> TrainState:
+        return TrainState(
+            config=self.config.to_dict(), class_names=list(self.class_names),
+            state_dict=self.model.state_dict(),
+            state_dict_ema=self.ema.module.state_dict() if self.ema is not None else None,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            rng=rng_state(self.runtime), epoch=self.epoch, update=self.update,
+            global_update=self.global_update, history=self.history, best=self.best, partial=self.totals,
+            elapsed_seconds=self.elapsed_before + (time.monotonic() - self.started))
+
+    def restore(self, state: TrainState) -> None:
+        self.model.load_state_dict(state.state_dict)
+        if self.ema is not None and state.state_dict_ema is not None:
+            self.ema.module.load_state_dict(state.state_dict_ema)
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.epoch, self.update, self.global_update = state.epoch, state.update, state.global_update
+        self.history = list(state.history)
+        self.best = dataclasses.replace(state.best)
+        self.totals = dataclasses.replace(state.partial)
+        self.elapsed_before = state.elapsed_seconds
+        set_rng_state(state.rng, self.runtime)
+
+    def save(self, best: bool = False) -> None:
+        if not self.runtime.is_main:
+            return
+        save_checkpoint(self.checkpoint(), self.run_dir / LAST)
+        if best:
+            copy_checkpoint(self.run_dir / LAST, self.run_dir / BEST)
+
+    # --- the loop
+
+    def run(self) -> TrainResult:
+        cfg, rt = self.config, self.runtime
+        self.started = time.monotonic()
+        deadline = self.started + cfg.max_minutes * 60 if cfg.max_minutes else None
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_config(self.run_dir, cfg.to_dict(), self.class_names, world_size=rt.world_size,
+                             global_batch=self.global_batch, lr=self.lr,
+                             updates_per_epoch=self.data.updates_per_epoch)
+        if self.epoch == 0 and self.update == 0:
+            self.log(f"training {cfg.model} on {len(self.data.train_set)} images of {len(self.class_names)} "
+                     f"classes ({len(self.data.val_set)} for validation), {cfg.epochs} epochs of "
+                     f"{self.data.updates_per_epoch} updates, global batch {self.global_batch}, lr {self.lr:.3g}, "
+                     f"on {rt.world_size} x {rt.device.type}; run directory {self.run_dir}")
+            self.save()  # a valid checkpoint exists from the very start
+        else:
+            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, update {self.update}")
+        while self.epoch < cfg.epochs:
+            if not self.train_epoch(deadline):
+                return self.result(completed=False)
+            self.log(epoch_line(self.finish_epoch(), cfg.epochs))
+        if rt.is_main:
+            final = self.export_final()
+            self.log(f"done: best top-1 {self.best.top1:.2f}% ({self.best.source} weights, epoch "
+                     f"{self.best.epoch}); final model in {final}")
+        return self.result(completed=True)
+
+    def train_epoch(self, deadline: Optional[float]) -> bool:
+        """Train the rest of the current epoch; False if stopped early by the deadline (checkpointed)."""
+        from tqdm import tqdm
+
+        cfg, rt, totals = self.config, self.runtime, self.totals
+        self.model.train()
+        if cfg.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        self.data.sampler.set_epoch(self.epoch, self.update * cfg.accum_steps * cfg.batch_size)
+        batches = iter(self.data.train_loader)
+        bar = tqdm(total=self.data.updates_per_epoch * self.global_batch, initial=self.update * self.global_batch,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True,
+                   disable=not (cfg.progress and rt.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        last_save = t0 = time.monotonic()
+        try:
+            while self.update < self.data.updates_per_epoch:
+                lr = self.schedule(self.epoch + (self.update / self.data.updates_per_epoch
+                                                 if cfg.sched_per_step else 0.0))
+                set_lr(self.optimizer, lr)
+                torch.manual_seed(mix_seed(cfg.seed, self.global_update, rt.rank, 0xD40))
+                micro = [next(batches) for _ in range(cfg.accum_steps)]
+                for b in micro:
+                    self.report_failures(b.failures)
+                    totals.bad_images += len(b.failures)
+                now = time.monotonic()
+                empty, save_due, stop_due = any_process(
+                    [any(len(b.images) == 0 for b in micro),
+                     rt.is_main and cfg.checkpoint_minutes > 0 and now - last_save > cfg.checkpoint_minutes * 60,
+                     rt.is_main and deadline is not None and now > deadline], rt)
+                if stop_due:
+                    totals.train_seconds += time.monotonic() - t0
+                    self.save()
+                    self.log(f"stopped after {cfg.max_minutes} minutes at epoch {self.epoch + 1}, update "
+                             f"{self.update}; resume with: mixnet train --resume {self.run_dir}")
+                    return False
+                if not empty:
+                    loss_sum, samples = self.step(micro)
+                    totals.loss_sum += loss_sum
+                    totals.samples += samples
+                self.update += 1
+                self.global_update += 1
+                bar.update(self.global_batch)
+                if totals.samples:
+                    bar.set_postfix(loss=f"{totals.loss_sum / totals.samples:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if save_due:
+                    totals.train_seconds += time.monotonic() - t0
+                    self.save()
+                    last_save = t0 = time.monotonic()
+        finally:
+            bar.close()
+        totals.train_seconds += time.monotonic() - t0
+        return True
+
+    def step(self, micro) -> Tuple[float, int]:
+        """One optimizer update over the micro-batches ``micro``; returns (loss sum, samples)."""
+        cfg, rt = self.config, self.runtime
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, samples, nonfinite = 0.0, 0, False
+        for i, batch in enumerate(micro):
+            images = batch.images.to(rt.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            targets = batch.targets.to(rt.device, non_blocking=True)
+            if self.mixer is not None and float(torch.rand(())) < cfg.mix_prob:
+                images, targets = self.mixer(images, targets)
+            sync = rt.distributed and i < len(micro) - 1
+            with (self.ddp.no_sync() if sync else nullcontext()), self.autocast():
+                loss = self.loss(self.ddp(images), targets)
+            value = float(loss.detach())
+            nonfinite = nonfinite or not math.isfinite(value)
+            scaled = loss / len(micro)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += value * len(images)
+            samples += len(images)
+        if any_process([nonfinite], rt)[0]:
+            raise NonFiniteLoss(
+                f"the training loss became NaN/infinite at epoch {self.epoch + 1}, update {self.update + 1}: "
+                f"training diverged; {self.run_dir / LAST} keeps the last good state (epoch {self.epoch}). "
+                f"Try a lower --lr, --clip-grad 1.0 or --amp none")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.global_update)
+        return loss_sum, samples
+
+    def autocast(self):
+        if self.config.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.runtime.device.type,
+                              dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy with label smoothing, for class indices or (mixup/cutmix) soft targets."""
+        logits, smoothing = logits.float(), self.config.label_smoothing
+        if targets.dim() == 1:
+            return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        soft = targets * (1.0 - smoothing) + smoothing / logits.shape[1]
+        return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    def report_failures(self, failures) -> None:
+        for failure in failures:
+            if failure.path not in self.reported_failures:
+                self.reported_failures.add(failure.path)
+                self.log(f"warning: skipped unreadable image {failure.path}: {failure.problem}")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        rt = self.runtime
+        model.eval()
+        k = min(5, len(self.class_names))
+        loss_sum, top1, top5, count, bad = 0.0, 0.0, 0.0, 0.0, 0.0
+        for batch in self.data.val_loader:
+            self.report_failures(batch.failures)
+            bad += len(batch.failures)
+            if len(batch.images) == 0:
+                continue
+            images = batch.images.to(rt.device).contiguous(memory_format=self.memory_format)
+            targets = batch.targets.to(rt.device)
+            logits = model(images).float()
+            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            hits = logits.topk(k, dim=1).indices == targets[:, None]
+            top1 += float(hits[:, 0].sum())
+            top5 += float(hits.any(dim=1).sum())
+            count += len(targets)
+        loss_sum, top1, top5, count, bad = all_reduce([loss_sum, top1, top5, count, bad], rt)
+        count = max(count, 1.0)
+        return dict(loss=loss_sum / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, bad=bad)
+
+    def finish_epoch(self) -> Dict[str, Any]:
+        """Evaluate (raw and EMA weights), record the epoch's row, save the checkpoints and metrics."""
+        cfg, rt = self.config, self.runtime
+        self.epoch += 1
+        self.update = 0
+        loss_sum, samples, bad = all_reduce([self.totals.loss_sum, self.totals.samples, self.totals.bad_images], rt)
+        row: Dict[str, Any] = dict(
+            epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"], train_loss=loss_sum / max(samples, 1.0),
+            train_images_per_s=samples / max(self.totals.train_seconds, 1e-9), bad_images=bad)
+        eval_started = time.monotonic()
+        improved = False
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            candidates = []
+            for source, model, prefix in (("raw", self.model, "val"),
+                                          ("ema", self.ema.module if self.ema else None, "ema_val")):
+                if model is None:
+                    continue
+                average_buffers(model, rt)
+                scores = self.evaluate(model)
+                row.update({f"{prefix}_loss": scores["loss"], f"{prefix}_top1": scores["top1"],
+                            f"{prefix}_top5": scores["top5"]})
+                if source == "raw":
+                    row["bad_images"] += scores["bad"]
+                candidates.append((source, scores["top1"]))
+            source, top1 = max(candidates, key=lambda c: c[1])
+            improved = self.best.top1 is None or top1 > self.best.top1
+            if improved:
+                self.best = Best(top1, self.epoch, source)
+        row.update(epoch_time_s=self.totals.train_seconds + time.monotonic() - eval_started,
+                   total_time_s=self.elapsed_before + time.monotonic() - self.started)
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        self.history.append(row)
+        self.totals = EpochTotals()
+        self.save(best=improved)
+        if rt.is_main:
+            write_metrics(self.run_dir, self.history)
+        return row
+
+    def export_final(self) -> Path:
+        """The best weights (raw or EMA) as a hub folder, with class names and the evaluation size."""
+        cfg = self.config
+        state = load_checkpoint(self.run_dir / BEST if (self.run_dir / BEST).is_file() else self.run_dir / LAST)
+        model = create_model(cfg.model, num_classes=len(self.class_names), **cfg.model_args)
+        model.load_state_dict(state.state_dict_ema if self.best.source == "ema" else state.state_dict)
+        model.pretrained_cfg = {**self.model.pretrained_cfg, "input_size": (3, cfg.eval_size, cfg.eval_size),
+                                "crop_pct": cfg.eval_crop_pct, "interpolation": cfg.interpolation,
+                                "num_classes": len(self.class_names), "class_names": list(self.class_names)}
+        return save_pretrained(model, self.run_dir / FINAL, class_names=self.class_names)
+
+    def result(self, completed: bool) -> TrainResult:
+        return TrainResult(self.run_dir, self.epoch, completed, self.best.top1, self.best.epoch, self.history)
+
+
+def build_mixer(config: TrainConfig, num_classes: int):
+    """MixUp and/or CutMix (one chosen per batch), or None."""
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    choices = ([v2.MixUp(alpha=config.mixup, num_classes=num_classes)] if config.mixup > 0 else []) + \
+              ([v2.CutMix(alpha=config.cutmix, num_classes=num_classes)] if config.cutmix > 0 else [])
+    return v2.RandomChoice(choices)
+
+
+def epoch_line(row: Dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}",
+             f"{row['train_images_per_s']:.1f} img/s"]
+    if row.get("val_top1") is not None:
+        parts.append(f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%")
+    if row.get("ema_val_top1") is not None:
+        parts.append(f"EMA top-1 {row['ema_val_top1']:.2f}% top-5 {row['ema_val_top5']:.2f}%")
+    parts.append(f"{row['epoch_time_s']:.0f} s")
+    if row.get("bad_images"):
+        parts.append(f"{int(row['bad_images'])} unreadable images skipped")
+    return ", ".join(parts)
+
+
+def check_config(config: TrainConfig, runtime: Runtime) -> None:
+    if config.output is None:
+        raise MixNetError("no run directory: give --output RUN_DIR")
+    if config.amp not in ("none", "bf16", "fp16"):
+        raise MixNetError(f"unknown amp mode {config.amp!r} (use none, bf16 or fp16)")
+    if config.amp == "fp16" and runtime.device.type != "cuda":
+        raise MixNetError("amp fp16 needs a GPU; on CPU use --amp bf16 or none")
+    if config.sync_bn and runtime.distributed and runtime.device.type != "cuda":
+        raise MixNetError("--sync-bn needs GPUs (torch's SyncBatchNorm is GPU-only); on CPU, BatchNorm "
+                          "statistics are averaged over processes before each evaluation instead")
+    for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+        if getattr(config, name) < 1:
+            raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or fine-tune) as ``config`` says, writing the run directory ``config.output``.
+
+    Refuses to overwrite a run directory that already holds a checkpoint: use ``resume`` for that.
+    """
+    runtime = setup_runtime(config.device, config.threads)
+    check_config(config, runtime)
+    if (Path(config.output) / LAST).exists():
+        raise MixNetError(f"{config.output}: already holds a training run; resume it with "
+                          f"--resume {config.output}, or choose another --output")
+    return _run(config, runtime, None)
+
+
+def _run(config: TrainConfig, runtime: Runtime, state: Optional[TrainState]) -> TrainResult:
+    try:
+        return Trainer(config, runtime, state).run()
+    finally:
+        shutdown(runtime)
+
+
+# Settings that may differ on resume without changing the result (others are allowed but warned about).
+# ``epochs`` is not among them: a new length recomputes the schedule from the same point (the cosine
+# then ends at the new last epoch), so the weights differ from those of the original run.
+RESUME_SAFE = {"workers", "progress", "checkpoint_minutes", "max_minutes", "eval_every", "data",
+               "train_dir", "val_dir", "output", "device", "threads"}
+
+
+def resume(run_dir: str, **overrides) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last checkpoint; ``overrides`` change settings
+    (``epochs`` to extend a run, ``max_minutes``, ``workers``...)."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / LAST)
+    values = dict(state.config)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise MixNetError(f"unknown training setting(s): {', '.join(unknown)}")
+    changed = sorted(k for k, v in overrides.items() if values.get(k) != (list(v) if isinstance(v, tuple) else v))
+    values.update(overrides)
+    values["output"] = str(run_dir)
+    config = TrainConfig.from_dict(values)
+    risky = [k for k in changed if k not in RESUME_SAFE]
+    if risky:
+        warnings.warn(f"resuming {run_dir} with changed settings {', '.join(risky)}: the result will differ "
+                      f"from an uninterrupted run", stacklevel=2)
+    runtime = setup_runtime(config.device, config.threads)
+    check_config(config, runtime)
+    return _run(config, runtime, state)
