@@ -175,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import serve  # a one-line error naming the pip extra when it is missing
 
     args.model, args.weights = args.source, None  # what inference_model reads, as predict --model gives it
-    return serve(args)
+    return serve(args, inference_model)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from importlib import resources
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import MixNetError
 
@@ -145,9 +145,10 @@ class ClassifierAPI(ls.LitAPI):
     batches of uploads through ``mixnet.inference.predict.predict``, so preprocessing, class names and
     probabilities are exactly that function's."""
 
-    def __init__(self, model_args: argparse.Namespace, model_name: str, topk: int, threads: int,
-                 max_batch_size: int, batch_timeout_s: float):
+    def __init__(self, build_model: Callable, model_args: argparse.Namespace, model_name: str, topk: int,
+                 threads: int, max_batch_size: int, batch_timeout_s: float):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+        self.build_model = build_model  # pickled by reference into each worker process
         self.model_args = model_args
         self.model_name = model_name
         self.topk = topk
@@ -157,13 +158,11 @@ class ClassifierAPI(ls.LitAPI):
         import torch
         from PIL import Image
 
-        from ..cli import inference_model
-
         # Ctrl-C reaches the whole process group; the main process stops this worker itself once the
         # HTTP process has answered the requests in flight.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(self.threads)
-        self.model, self.forward = inference_model(self.model_args)
+        self.model, self.forward = self.build_model(self.model_args)
         # /health turns 200 only after this: the first batches of each size are the slow ones.
         side = self.model.pretrained_cfg["input_size"][-1]
         blank = Image.new("RGB", (side, side), (128, 128, 128))
@@ -372,9 +371,10 @@ def describe_service(model, name: str, args: argparse.Namespace) -> dict:
                      workers=args.workers, max_body_mb=args.max_body_mb, backend=args.backend, fast=args.fast))
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Run the service until SIGTERM or Ctrl-C. ``args`` holds ``mixnet serve``'s options; ``args.model``
-    etc. are those of ``mixnet predict`` (``cli.inference_model`` builds the model in each worker)."""
+def serve(args: argparse.Namespace, build_model: Callable) -> int:
+    """Run the service until SIGTERM or Ctrl-C. ``args`` holds ``mixnet serve``'s options, with ``model``,
+    ``weights``, ``fast``, ``backend``... as ``mixnet predict`` has them; ``build_model(args)`` gives
+    ``(model, forward)`` from them in each worker (the CLI passes its ``inference_model``)."""
     from ..inference.predict import resolve_model
 
     check_address(args.host, args.port)
@@ -382,8 +382,9 @@ def serve(args: argparse.Namespace) -> int:
     name = model_name_of(model, args.model)
     info = describe_service(model, name, args)
     del model  # the workers load their own
-    api = ClassifierAPI(args, name, topk=args.topk, threads=max(1, (os.cpu_count() or 1) // args.workers),
-                        max_batch_size=args.max_batch_size, batch_timeout_s=args.batch_timeout_ms / 1000)
+    threads = max(1, (os.cpu_count() or 1) // args.workers)  # the workers share the cores
+    api = ClassifierAPI(build_model, args, name, topk=args.topk, threads=threads, max_batch_size=args.max_batch_size,
+                        batch_timeout_s=args.batch_timeout_ms / 1000)
     server = MixNetServer(api, info, workers=args.workers, max_body_bytes=int(args.max_body_mb * 2**20))
     main_pid = os.getpid()
 
