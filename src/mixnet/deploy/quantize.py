@@ -1,0 +1,287 @@
+"""Post-training static INT8 quantization of a MixNet, checked against fp32 on held-back photos.
+
+``quantize_model`` exports the model's inference graph to ONNX (deploy/export.py), calibrates INT8
+activation ranges on photos read with the model's own eval transform, and writes a *quantized model
+folder*: the hub folder ``save_pretrained`` writes (config.json with class names and preprocessing,
+model.safetensors with the float weights) plus the INT8 graph and ``quantization.json``. predict,
+validate and benchmark take that folder as a model and run its INT8 graph.
+
+Backends (benchmarks/RESULTS.md has the measurements behind these choices):
+
+- ``openvino`` (default): NNCF on the OpenVINO model read from ONNX, MIXED preset (symmetric
+  per-channel weights, asymmetric activations: Swish outputs are mostly positive), full bias
+  correction (small SE nets need it), run by OpenVINO. It was the faster INT8 runtime, on the merged
+  graph (MixConvs merged into one zero-padded depthwise conv): OpenVINO keeps depthwise convs in float
+  either way, and the split graph adds Split/Concat copies.
+- ``onnxruntime``: ``quantize_static`` with QDQ nodes, per-channel INT8 weights and UINT8
+  activations, run by onnxruntime, also on the merged graph.
+
+Both take per-channel weight scales, which depthwise layers need (one scale per 3x3 filter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..data.images import ImageList, build_eval_transform, collate, folder_classes, list_image_files
+from ..errors import MixNetError
+from ..fileio import PathLike, atomic_write
+from .export import OnnxRuntimeModel, export_model
+from .runtimes import DEFAULT_INT8_BACKEND as DEFAULT_BACKEND, INT8_BACKENDS as BACKENDS, OpenVinoModel, require
+
+QUANT_CONFIG = "quantization.json"
+GRAPH_FILES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}
+DEFAULT_IMAGES = 300
+DEFAULT_CHECK_IMAGES = 500
+DEFAULT_MIN_AGREEMENT = 98.0  # percent of held-back photos whose top-1 class INT8 and fp32 agree on
+SEED = 0
+
+
+class AgreementTooLow(MixNetError):
+    """The INT8 model disagreed with fp32 on more held-back photos than allowed."""
+
+
+def _require_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise MixNetError(f"unknown quantization backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        require("openvino", "openvino", "INT8 quantization with the openvino backend")
+        require("nncf", "openvino", "INT8 quantization with the openvino backend")
+    else:
+        require("onnxruntime", "onnx", "INT8 quantization with the onnxruntime backend")
+
+
+def quantize_onnx(source: PathLike, output: PathLike, calibration: Sequence[np.ndarray], backend: str) -> Path:
+    """Write the INT8 form of the fp32 ONNX file ``source`` to ``output``, calibrated on ``calibration``
+    (NCHW float arrays, one image each, already preprocessed). OpenVINO writes ``output`` (.xml) and the
+    .bin beside it; onnxruntime writes an ONNX file with QDQ nodes."""
+    _require_backend(backend)
+    if not calibration:
+        raise MixNetError("INT8 quantization needs at least one calibration image")
+    output = Path(output)
+    if backend == "openvino":
+        import nncf
+        import openvino as ov
+
+        model = ov.Core().read_model(str(source))
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars; stdout may be JSON output
+            quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                                      preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False)
+        ov.save_model(quantized, str(output), compress_to_fp16=False)
+        return output
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = OnnxRuntimeModel(source, num_threads=1).input_name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {input_name: item}
+
+    with tempfile.TemporaryDirectory(prefix="mixnet-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))  # shape inference and graph clean-up first
+        quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return output
+
+
+def int8_runner(path: PathLike, backend: str, num_threads: Optional[int] = None) -> Callable[[Tensor], Tensor]:
+    """The runtime that runs an INT8 graph written by ``quantize_onnx``."""
+    _require_backend(backend)
+    if backend == "openvino":
+        return OpenVinoModel(path, "f32", num_threads)
+    return OnnxRuntimeModel(path, num_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized model folders
+
+
+def is_quantized_folder(path: Optional[PathLike]) -> bool:
+    return path is not None and (Path(path) / QUANT_CONFIG).is_file()
+
+
+def read_quantization_config(folder: PathLike) -> dict:
+    path = Path(folder) / QUANT_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MixNetError(f"{path}: not a readable quantization config ({e})") from None
+    if config.get("backend") not in BACKENDS or not isinstance(config.get("graph"), str):
+        raise MixNetError(f"{path}: needs a backend ({', '.join(BACKENDS)}) and a graph file name")
+    return config
+
+
+def load_quantized(folder: PathLike, num_threads: Optional[int] = None) -> Callable[[Tensor], Tensor]:
+    """The INT8 graph of a folder written by ``quantize_model``, ready to run (NCHW float in, logits out)."""
+    config = read_quantization_config(folder)
+    graph = Path(folder) / config["graph"]
+    if not graph.is_file():
+        raise MixNetError(f"{graph}: no such file (named in {Path(folder) / QUANT_CONFIG})")
+    return int8_runner(graph, config["backend"], num_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration photos and the check against fp32
+
+
+def split_photos(folder: PathLike, images: int, check_images: int) -> Tuple[List[Path], List[Path]]:
+    """Calibration and held-back photos from ``folder``: a fixed shuffle, the first ``images`` for
+    calibration and up to ``check_images`` of the rest for the check. A folder with no more than
+    ``images`` photos keeps a fifth of them (at least one) back."""
+    files = list_image_files([folder])
+    if len(files) < 2:
+        raise MixNetError(f"{folder}: {len(files)} image file(s); quantization needs at least 2 "
+                          f"(calibration and a held-back check)")
+    random.Random(SEED).shuffle(files)
+    calibrate = min(images, len(files) - max(1, len(files) // 5)) if len(files) <= images else images
+    return files[:calibrate], files[calibrate:calibrate + check_images]
+
+
+def photo_labels(folder: PathLike, files: Sequence[Path], model) -> Optional[List[int]]:
+    """Each photo's class index when ``folder`` is labelled (class folders named by the model's classes,
+    as validate matches them), else None."""
+    from ..inference.validate import map_folders_to_classes
+
+    folder = Path(folder)
+    try:
+        mapping = map_folders_to_classes(folder_classes(folder), model)
+    except MixNetError:
+        return None
+    labels = []
+    for f in files:
+        top = f.relative_to(folder).parts[0]
+        if top not in mapping:
+            return None
+        labels.append(mapping[top])
+    return labels
+
+
+def load_batches(model, files: Sequence[Path], batch_size: int = 32, workers: int = 0,
+                 transform: Optional[Callable] = None):
+    """(indices, NCHW tensor) batches of ``files`` through ``transform`` (default: the model's eval
+    transform); unreadable photos are dropped."""
+    loader = DataLoader(ImageList(files, transform or build_eval_transform(model)), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate)
+    for batch in loader:
+        if len(batch.targets):
+            yield batch.targets.tolist(), batch.images
+
+
+@dataclass
+class CheckResult:
+    """Top-1 agreement of INT8 with fp32 (percent) on held-back photos, and accuracies when labelled."""
+
+    images: int
+    agreement: float
+    fp32_top1: Optional[float] = None
+    int8_top1: Optional[float] = None
+
+    def summary(self) -> str:
+        text = f"top-1 agreement with fp32 {self.agreement:.2f}% on {self.images} held-back photos"
+        if self.fp32_top1 is not None:
+            text += f"; top-1 fp32 {self.fp32_top1:.2f}%, INT8 {self.int8_top1:.2f}%"
+        return text
+
+
+@torch.no_grad()
+def compare_top1(reference: Callable[[Tensor], Tensor], candidate: Callable[[Tensor], Tensor], model,
+                 files: Sequence[Path], labels: Optional[Sequence[int]] = None, batch_size: int = 32,
+                 workers: int = 0) -> CheckResult:
+    """Run both forwards on ``files`` and count top-1 agreement (and accuracy against ``labels``)."""
+    agree = right_ref = right_cand = total = 0
+    for indices, x in load_batches(model, files, batch_size, workers):
+        ref = reference(x).argmax(1)
+        cand = candidate(x).argmax(1)
+        agree += int((ref == cand).sum())
+        if labels is not None:
+            target = torch.tensor([labels[i] for i in indices])
+            right_ref += int((ref == target).sum())
+            right_cand += int((cand == target).sum())
+        total += len(indices)
+    if total == 0:
+        raise MixNetError("none of the held-back photos could be read")
+    pct = lambda n: 100.0 * n / total  # noqa: E731
+    return CheckResult(total, pct(agree), pct(right_ref) if labels is not None else None,
+                       pct(right_cand) if labels is not None else None)
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    backend: str
+    calibration_images: int
+    check: CheckResult
+    size_bytes: int
+    files: List[str] = field(default_factory=list)
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and not is_quantized_folder(output):
+        raise MixNetError(f"{output}: exists and is not a quantized model folder; choose another --output")
+
+
+def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, backend: str = DEFAULT_BACKEND,
+                   images: int = DEFAULT_IMAGES, check_images: int = DEFAULT_CHECK_IMAGES,
+                   min_agreement: float = DEFAULT_MIN_AGREEMENT, workers: int = 0,
+                   progress: Optional[Callable[[str], None]] = None) -> QuantizeResult:
+    """Quantize ``model`` to INT8, calibrated on ``images`` photos from ``calibration``, and write the
+    quantized model folder ``output`` (see the module docstring).
+
+    Before the folder is put in place, fp32 and INT8 classify up to ``check_images`` photos held back
+    from calibration; below ``min_agreement`` percent top-1 agreement it raises ``AgreementTooLow`` and
+    leaves ``output`` as it was.
+    """
+    from ..pretrained.checkpoint import save_pretrained
+
+    _require_backend(backend)
+    output = Path(output)
+    _prepare_output(output)
+    say = progress or (lambda message: None)
+    calibrate_files, check_files = split_photos(calibration, images, check_images)
+    model = model.eval()
+    say(f"calibrating on {len(calibrate_files)} photos from {calibration}, checking on {len(check_files)}")
+    calibration_arrays = [x[i:i + 1].numpy() for _, x in load_batches(model, calibrate_files, workers=workers)
+                          for i in range(len(x))]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        fp32_onnx = export_model(model, staging / "fp32.onnx", "onnx").path
+        graph = quantize_onnx(fp32_onnx, staging / GRAPH_FILES[backend], calibration_arrays, backend)
+        fp32_onnx.unlink()
+        save_pretrained(model, staging)
+        check = compare_top1(model, int8_runner(graph, backend), model, check_files,
+                             photo_labels(calibration, check_files, model), workers=workers)
+        config = dict(backend=backend, graph=graph.name, calibration_images=len(calibration_arrays),
+                      calibration_folder=str(calibration), check=asdict(check))
+        with atomic_write(staging / QUANT_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        if not check.agreement >= min_agreement:
+            raise AgreementTooLow(f"INT8 ({backend}) {check.summary()}, below the required "
+                                  f"{min_agreement:g}%; nothing written to {output}")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = sorted(p.name for p in output.iterdir())
+    size = sum(p.stat().st_size for p in output.iterdir() if p.name.startswith(Path(graph.name).stem))
+    return QuantizeResult(output, backend, len(calibration_arrays), check, size, files)
