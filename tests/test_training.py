@@ -181,6 +181,24 @@ def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
         resume_training(str(tmp_path))
 
 
+class RunsCode:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "mixnet-train-checkpoint", "version": 1, "optimizer": RunsCode(marker)}, tmp_path / LAST)
+    with pytest.raises(MixNetError, match="not a readable training checkpoint"):
+        resume_training(str(tmp_path))
+    assert not marker.exists()
+
+
 def test_train_refuses_to_overwrite_a_run(data, tmp_path):
     run = tmp_path / "run"  # also exercises accumulation, clipping, bf16 autocast and cutmix
     result = train(tiny_config(data, run, epochs=1, accum_steps=2, clip_grad=1.0, amp="bf16", cutmix=1.0))

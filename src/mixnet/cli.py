@@ -1,4 +1,4 @@
-"""The ``mixnet`` command: one subcommand per job, each a thin layer over the Python API.
+"""mixnet: one subcommand per job, each a thin layer over the Python API.
 
 Exit codes: 0 success, 1 the job ran but some inputs failed, 2 usage or input errors.
 """
