@@ -90,9 +90,6 @@ class TrainConfig:
             if recipe not in RECIPES:
                 raise MixNetError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
             values.update(RECIPES[recipe], recipe=recipe)
-        if recipe == "small-data" and "warmup_epochs" not in overrides:
-            # Warm-up scales with the budget: 2 epochs of 5 would spend 40% of a short run warming up.
-            values["warmup_epochs"] = min(2.0, max(0.5, 0.1 * overrides.get("epochs", values["epochs"])))
         values.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
