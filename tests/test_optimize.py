@@ -105,4 +105,6 @@ def test_optimized_model_compiles_and_matches_eval_model():
     x = torch.randn(2, 3, 65, 49, generator=torch.Generator().manual_seed(3))
     expected = model(x)
     assert expected.abs().max() > 0.1
-    torch.testing.assert_close(torch.compile(optimize_for_inference(model))(x), expected, rtol=0, atol=TOLERANCE)
+    compiled = optimize_for_inference(model, compile=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # compile=True took effect
+    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=TOLERANCE)
