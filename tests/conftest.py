@@ -63,6 +63,16 @@ def counting(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+class RunsCode:
+    """A pickle payload: unpickling it creates ``marker``, proof that a loader ran code from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
 # ---------------------------------------------------------------------------------------------- network
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import mixnet
+from conftest import RunsCode
 from mixnet.data.imagenet import imagenet_class_names
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
@@ -397,16 +398,6 @@ def test_corrupt_cached_file_is_reported(served_entry):
 
 
 # ------------------------------------------------------------------------------------------ local files
-
-
-class RunsCode:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the plain-pickle variant
