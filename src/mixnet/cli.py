@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for a batch to fill (default: %(default)s)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="inference processes, each with its own copy of the model (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="torch/onnxruntime threads in each inference process (default: cores / workers)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes per answer (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20, metavar="MB",
                    help="largest upload accepted (default: %(default)s)")

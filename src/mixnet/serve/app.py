@@ -351,7 +351,7 @@ def model_name_of(model, source: Optional[str]) -> str:
     return cfg.get("tag") or source or cfg["architecture"]
 
 
-def describe_service(model, name: str, args: argparse.Namespace) -> dict:
+def describe_service(model, name: str, args: argparse.Namespace, threads: int) -> dict:
     """What GET /info answers: the served model, its architecture's card (``mixnet info --json``), the
     preprocessing this model's weights use, its classes, and the serving settings."""
     from ..data.images import eval_resize_size
@@ -368,7 +368,8 @@ def describe_service(model, name: str, args: argparse.Namespace) -> dict:
                            mean=list(cfg["mean"]), std=list(cfg["std"])),
         classes=class_names(model),
         serving=dict(topk=args.topk, max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                     workers=args.workers, max_body_mb=args.max_body_mb, backend=args.backend, fast=args.fast))
+                     workers=args.workers, threads=threads, max_body_mb=args.max_body_mb, backend=args.backend,
+                     fast=args.fast))
 
 
 def serve(args: argparse.Namespace, build_model: Callable) -> int:
@@ -380,9 +381,9 @@ def serve(args: argparse.Namespace, build_model: Callable) -> int:
     check_address(args.host, args.port)
     model = resolve_model(args.model, args.weights)
     name = model_name_of(model, args.model)
-    info = describe_service(model, name, args)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)  # the workers share the cores
+    info = describe_service(model, name, args, threads)
     del model  # the workers load their own
-    threads = max(1, (os.cpu_count() or 1) // args.workers)  # the workers share the cores
     api = ClassifierAPI(build_model, args, name, topk=args.topk, threads=threads, max_batch_size=args.max_batch_size,
                         batch_timeout_s=args.batch_timeout_ms / 1000)
     server = MixNetServer(api, info, workers=args.workers, max_body_bytes=int(args.max_body_mb * 2**20))
