@@ -156,7 +156,7 @@ def split_photos(folder: PathLike, images: int, check_images: int) -> Tuple[List
         raise MixNetError(f"{folder}: {len(files)} image file(s); quantization needs at least 2 "
                           f"(calibration and a held-back check)")
     random.Random(SEED).shuffle(files)
-    calibrate = min(images, len(files) - max(1, len(files) // 5)) if len(files) <= images else images
+    calibrate = images if len(files) > images else len(files) - max(1, len(files) // 5)
     return files[:calibrate], files[calibrate:calibrate + check_images]
 
 
