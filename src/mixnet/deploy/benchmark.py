@@ -32,13 +32,13 @@ OURS_FAST = ("mixnet-fast", "mixnet-fast-compile", "mixnet-onnxruntime")
 TIMM_EAGER = ("timm", "timm-cl")
 TIMM_FAST = ("timm-compile", "timm-onnxruntime")
 # Per precision: our paths and timm's peers; the fp32 runtime paths are the baselines they are read against.
-LOW_PRECISION = {
+PRECISION_PATHS = {
     "fp32": (("mixnet-onnxruntime", "mixnet-openvino"), ("timm-onnxruntime", "timm-openvino")),
     "bf16": (("mixnet-openvino-bf16",), ("timm-openvino-bf16",)),
     "int8": (("mixnet-openvino-int8", "mixnet-onnxruntime-int8"), ("timm-openvino-int8", "timm-onnxruntime-int8")),
 }
 INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST  # the fp32 paths of PyTorch and onnxruntime
-RUNTIME_PATHS = tuple(p for ours, timm in LOW_PRECISION.values() for p in ours + timm if p not in INFER_PATHS)
+RUNTIME_PATHS = tuple(p for ours, timm in PRECISION_PATHS.values() for p in ours + timm if p not in INFER_PATHS)
 CALIBRATION_IMAGES = 32  # per INT8 path; speed does not depend on the calibration images
 TRAIN_PATHS = ("mixnet", "mixnet-cl", "timm", "timm-cl")
 SETTLE_S = 0.05  # idle time before each timed call (see measure)
@@ -57,7 +57,7 @@ def default_paths(fast: bool, compare_timm: bool, train: bool,
         return paths
     paths = []
     for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
-        ours, timm = LOW_PRECISION[precision]
+        ours, timm = PRECISION_PATHS[precision]
         paths += list(ours) + (list(timm) if compare_timm else [])
     return paths
 
