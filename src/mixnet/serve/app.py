@@ -376,10 +376,11 @@ def serve(args: argparse.Namespace, build_model: Callable) -> int:
     """Run the service until SIGTERM or Ctrl-C. ``args`` holds ``mixnet serve``'s options, with ``model``,
     ``weights``, ``fast``, ``backend``... as ``mixnet predict`` has them; ``build_model(args)`` gives
     ``(model, forward)`` from them in each worker (the CLI passes its ``inference_model``)."""
-    from ..inference.predict import resolve_model
-
     check_address(args.host, args.port)
-    model = resolve_model(args.model, args.weights)
+    # Built once here as each worker will build it, so that a problem with the model or its options
+    # (--onnx, --precision, ...) is a one-line error before the server starts, not a worker dying later.
+    model, forward = build_model(args)
+    del forward
     name = model_name_of(model, args.model)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)  # the workers share the cores
     info = describe_service(model, name, args, threads)
@@ -403,8 +404,13 @@ def serve(args: argparse.Namespace, build_model: Callable) -> int:
     signal.signal(signal.SIGINT, stop)
     print(f"mixnet serve: {name} on http://{args.host}:{args.port}/ (GET /health is 200 once the model is "
           f"loaded and warmed up; SIGTERM or Ctrl-C stops)", flush=True)
-    server.run(host=args.host, port=args.port, num_api_servers=1, log_level=args.log_level,
-               generate_client_file=False)
+    try:
+        server.run(host=args.host, port=args.port, num_api_servers=1, log_level=args.log_level,
+                   generate_client_file=False)
+    except (EOFError, ConnectionError):
+        # LitServe's worker monitor shut the server down (and its multiprocessing manager with it) under
+        # the main thread, which was waiting on that manager
+        raise MixNetError("an inference worker stopped (the log above says why); the server has shut down") from None
     if server.failed_workers:
-        raise MixNetError("the inference worker could not load the model (its error is in the log above)")
+        raise MixNetError("an inference worker could not load the model (the log above says why)")
     return 0
