@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import mixnet
-from conftest import RunsCode
+from conftest import RunsCode, randomized
 from mixnet.data.imagenet import imagenet_class_names
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
@@ -46,9 +46,17 @@ def timm():
 
 
 @pytest.fixture(scope="module")
-def timm_s(timm):
-    torch.manual_seed(0)
-    return timm.create_model("mixnet_s").eval()
+def reference():
+    """A mixnet_s with random weights (batch norm and classifier included): what the files below hold."""
+    return randomized("mixnet_s")
+
+
+@pytest.fixture(scope="module")
+def timm_s(timm, reference):
+    """timm's mixnet_s holding the same weights."""
+    model = timm.create_model("mixnet_s")
+    model.load_state_dict(reference.state_dict())
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +74,10 @@ def assert_same_logits(ours, theirs, x):
 
 
 @pytest.fixture(scope="module")
-def release_file(timm_s):
-    """A timm-made checkpoint named like a release file: <arch>-<first 8 hex of its sha256>.pth."""
+def release_file(reference):
+    """A checkpoint named like a release file: <arch>-<first 8 hex of its sha256>.pth."""
     buffer = io.BytesIO()
-    torch.save(timm_s.state_dict(), buffer)
+    torch.save(reference.state_dict(), buffer)
     data = buffer.getvalue()
     return f"mixnet_s-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
 
@@ -137,6 +145,9 @@ class FileServer:
             def serve_hub(self, head):
                 """Just enough of the hub's file endpoint: /hf/<org>/<repo>/resolve/<revision>/<file>."""
                 parts = self.path.split("/")
+                if "/resolve/" not in self.path:  # huggingface_hub's own API calls: not a file request
+                    self.send_error(404, "Not Found")
+                    return
                 key = ("/".join(parts[2:4]), parts[-1])
                 server.hub_requests.append(key)
                 data = server.hub_files.get(key)
@@ -183,11 +194,11 @@ def local_hub(monkeypatch, server):
 
 
 @pytest.fixture(scope="module")
-def hub_file(timm_s):
+def hub_file(reference):
     """The same weights as the hub holds them: model.safetensors."""
     from safetensors.torch import save
 
-    return save(timm_s.state_dict())
+    return save(reference.state_dict())
 
 
 @pytest.fixture
@@ -352,11 +363,11 @@ def test_offline_with_nothing_cached(served_entry, server, monkeypatch):
     assert "offline" in message and not server.requests
 
 
-def test_dropped_connection_is_resumed_with_range(served_entry, server, timm_s, images):
+def test_dropped_connection_is_resumed_with_range(served_entry, server, reference, images):
     entry, cached = served_entry
     server.drops_left = 1
     model = mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
-    assert_same_logits(model, timm_s, images)
+    assert_same_logits(model, reference, images)
     (_, first_range), (_, second_range) = server.requests
     size = len(server.files[cached.name])
     assert first_range is None and second_range == f"bytes={size // 2}-"
@@ -379,14 +390,14 @@ def test_connection_that_keeps_dropping_fails_cleanly_then_resumes_next_time(ser
     assert cached.read_bytes() == server.files[cached.name]
 
 
-def test_server_ignoring_range_restarts_from_scratch(served_entry, server, timm_s, images):
+def test_server_ignoring_range_restarts_from_scratch(served_entry, server, reference, images):
     entry, cached = served_entry
     cached.parent.mkdir(parents=True)
     cached.with_name(cached.name + ".part").write_bytes(b"stale bytes of some other file")
     server.ignore_range = True
     model = mixnet.create_model("mixnet_s", pretrained=True, source="github", progress=False)
     assert server.requests[0][1] == "bytes=30-"
-    assert_same_logits(model, timm_s, images)
+    assert_same_logits(model, reference, images)
 
 
 def test_corrupt_cached_file_is_reported(served_entry):
@@ -438,14 +449,14 @@ def test_malicious_pickle_in_a_hub_folder_or_run_checkpoint_runs_nothing(tmp_pat
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_truncated_file_is_a_one_line_error(tmp_path, timm_s, suffix):
+def test_truncated_file_is_a_one_line_error(tmp_path, reference, suffix):
     from safetensors.torch import save_file
 
     path = tmp_path / f"model{suffix}"
     if suffix == ".pth":
-        torch.save(timm_s.state_dict(), path)
+        torch.save(reference.state_dict(), path)
     else:
-        save_file(timm_s.state_dict(), path)
+        save_file(reference.state_dict(), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(MixNetError, match=rf"{path}: not a readable .*truncated or corrupt") as error:
         load_model(path, architecture="mixnet_s")
@@ -512,14 +523,14 @@ def test_save_pretrained_loads_in_timm_and_back(timm, tmp_path, images):
     assert json.loads((folder / "config.json").read_text())["num_classes"] == 10
 
 
-def test_other_num_classes_starts_a_fresh_classifier(tmp_path, timm_s, images):
+def test_other_num_classes_starts_a_fresh_classifier(tmp_path, reference, images):
     path = tmp_path / "w.pth"
-    torch.save(timm_s.state_dict(), path)
+    torch.save(reference.state_dict(), path)
     with pytest.warns(UserWarning, match="classifier not loaded"):
         model = mixnet.create_model("mixnet_s", pretrained=path, num_classes=7).eval()
     assert model.classifier.out_features == 7 and "class_names" not in model.pretrained_cfg
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(images), timm_s.forward_features(images),
+        torch.testing.assert_close(model.forward_features(images), reference.forward_features(images),
                                    rtol=0, atol=1e-5)
 
 
@@ -548,9 +559,9 @@ def test_features_only_takes_the_trunk(timm, tmp_path, timm_s, images):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, timm_s):
+def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, reference):
     path = tmp_path / "w.pth"
-    torch.save(timm_s.state_dict(), path)
+    torch.save(reference.state_dict(), path)
     with pytest.raises(MixNetError, match="fit mixnet_s and tf_mixnet_s alike"):
         load_model(path)
     assert load_model(path, architecture="mixnet_s").model_name == "mixnet_s"
@@ -558,27 +569,27 @@ def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, 
         load_model(tmp_path / "missing.pth")
 
 
-def test_hugging_face_hub_is_the_fallback_source_for_a_registered_digest(served_entry, server, timm_s, images):
+def test_hugging_face_hub_is_the_fallback_source_for_a_registered_digest(served_entry, server, reference, images):
     entry, cached = served_entry
     del server.files[cached.name]  # the GitHub release is gone
     model = mixnet.create_model("mixnet_s", pretrained=True, progress=False)
-    assert_same_logits(model, timm_s, images)
+    assert_same_logits(model, reference, images)
     assert (entry.hf_hub_id, "model.safetensors") in server.hub_requests
     assert not cached.exists()  # the hub keeps its own cache, under ours when ours is moved
     assert list((cached.parent / "huggingface").rglob("model.safetensors"))
     github_requests = len(server.requests)
     again = mixnet.create_model("mixnet_s", pretrained=True, source="hf", progress=False)
-    assert_same_logits(again, timm_s, images)
+    assert_same_logits(again, reference, images)
     assert len(server.requests) == github_requests  # source="hf" never asks GitHub
 
 
-def test_hub_file_other_than_the_registered_one_is_refused(served_entry, server, timm):
+def test_hub_file_other_than_the_registered_one_is_refused(served_entry, server):
     from safetensors.torch import save
 
     entry, cached = served_entry
     del server.files[cached.name]
-    torch.manual_seed(7)  # valid mixnet_s weights, only not the registered ones
-    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = save(timm.create_model("mixnet_s").state_dict())
+    # valid mixnet_s weights, only not the registered ones
+    server.hub_files[(entry.hf_hub_id, "model.safetensors")] = save(randomized("mixnet_s", seed=7).state_dict())
     refused = r"timm/mixnet_s\.ft_in1k/model\.safetensors: refused, not the registered file .*sha256"
     with pytest.raises(MixNetError, match=refused):
         mixnet.create_model("mixnet_s", pretrained=True, progress=False)
