@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import mixnet
 from conftest import HEAVY
-from serve_process import EXAMPLES, running_server
+from serve_process import EXAMPLES, free_port, running_server
 
 pytestmark = HEAVY
 
@@ -233,6 +233,15 @@ def test_a_taken_port_is_a_one_line_error_with_exit_code_2(server):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and f"127.0.0.1:{server.port}" in result.stderr
     assert "in use" in result.stderr
+
+
+def test_a_model_option_that_cannot_work_is_a_one_line_error_before_the_server_starts(tmp_path):
+    missing = tmp_path / "missing.onnx"
+    result = subprocess.run([sys.executable, "-m", "mixnet", "serve", "--port", str(free_port()), "--backend",
+                             "onnxruntime", "--onnx", str(missing)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and str(missing) in result.stderr
+    assert "http://" not in result.stdout  # it never announced a server
 
 
 def test_a_missing_serve_extra_is_a_one_line_error_naming_the_pip_command():
