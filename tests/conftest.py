@@ -10,6 +10,7 @@
   every test.
 """
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -105,21 +106,31 @@ socket.socket.connect_ex = _guarded(socket.socket.connect_ex)
 # ---------------------------------------------------------------------------------------------- torch state
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_state():
-    """Training in-process switches on deterministic algorithms, sets threads and draws random numbers:
-    none of that may leak into the next test."""
+@contextlib.contextmanager
+def torch_state_restored():
+    """Deterministic-algorithm mode, thread count and RNG states (torch, numpy, random) as they were
+    on entry, whatever the body changed."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
     rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    torch.set_rng_state(rngs[0])
-    np.random.set_state(rngs[1])
-    random.setstate(rngs[2])
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_state():
+    """Training in-process switches on deterministic algorithms, sets threads and draws random numbers:
+    none of that may leak into the next test."""
+    with torch_state_restored():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- models
