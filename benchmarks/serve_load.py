@@ -180,17 +180,19 @@ def main() -> None:
     photos = [p.read_bytes() for p in EXAMPLES]
     expected = [p.top[0].name for p in mixnet.predict(model, EXAMPLES, topk=1, forward=forward)]
     mixnet.predict(model, EXAMPLES * 6, forward=forward)  # warm the in-process side too
-    results = [run_setting(name, SETTINGS[name], args, model, forward, photos, expected) for name in args.settings]
     backend = args.backend + (" --fast" if args.fast else "")
     print(f"| setting ({backend}, {args.threads} thread(s), {args.clients} clients) | requests | errors | unsent | "
           f"in-process img/s | served req/s | ratio | CPU ms/img in-process / served | p50 ms | p95 ms | "
           f"RSS warm / after MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in results:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    results = []
+    for name in args.settings:  # each row as soon as it is measured
+        r = run_setting(name, SETTINGS[name], args, model, forward, photos, expected)
+        results.append(r)
         print(f"| {r['setting']} | {r['requests']} | {r['errors']} | {r['unsent']} | {r['in_process_img_s']} | "
               f"{r['served_req_s']} | {r['ratio']:.2f} | {r['in_process_cpu_ms']} / {r['served_cpu_ms']} | "
               f"{r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['rss_warm_mib']} / {r['rss_after_mib']} ({100 * r['rss_growth']:+.1f}%) |")
+              f"{r['rss_warm_mib']} / {r['rss_after_mib']} ({100 * r['rss_growth']:+.1f}%) |", flush=True)
     for r in results:
         if r["first_errors"]:
             print(f"{r['setting']}: first errors: {r['first_errors']}")
