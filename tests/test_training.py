@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import HEAVY, RunsCode
 from mixnet import TrainConfig, create_model, resume_training, train
 from mixnet.errors import MixNetError
+from mixnet.factory import load_model
 from mixnet.training.loop import NonFiniteLoss
 from mixnet.training.run_dir import BEST, LAST, load_checkpoint
 from mixnet.training.sampling import mix_seed
-from mixnet.factory import load_model
+from serve_process import free_port
 
 TINY_MODEL = dict(width_multiplier=0.25, head_channels=64)
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
@@ -125,6 +126,7 @@ SETTINGS = dict(epochs=3, batch_size=6, train_size=32, eval_size=32, workers=0, 
                 seed=3, drop_path_rate=0.1, randaugment_ops=2, mixup=0.4)
 
 
+@HEAVY
 @pytest.mark.parametrize("where", ["mid-epoch", "end-of-epoch"])
 def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where):
     reference = tmp_path / "reference"
@@ -181,16 +183,6 @@ def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path):
         resume_training(str(tmp_path))
 
 
-class RunsCode:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
 def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"format": "mixnet-train-checkpoint", "version": 1, "optimizer": RunsCode(marker)}, tmp_path / LAST)
@@ -214,8 +206,7 @@ def test_max_minutes_stops_with_a_checkpoint_that_resumes(data, tmp_path):
     assert load_checkpoint(run / LAST).global_update == 0
     assert resume_training(str(run), max_minutes=None).completed
     assert (run / "final" / "model.safetensors").is_file()
-
-
+@HEAVY
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     run = tmp_path / "ddp"
     args = _cli_args(data, run, epochs=1, batch_size=3, train_size=32, eval_size=32, workers=0, lr=3e-3)
@@ -232,14 +223,7 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     # 72 training images over 2 ranks x 3 per batch: 12 updates of 6 images, all counted
     assert state.global_update == 12
     assert load_model(run / "final").num_classes == 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@HEAVY
 def test_two_processes_at_batch_3_equal_one_process_at_batch_6_and_only_rank_0_writes(data, tmp_path):
     import torch.multiprocessing as mp
 
