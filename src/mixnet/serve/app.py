@@ -140,6 +140,10 @@ def image_error(problem: str) -> Dict[str, Any]:
     return dict(error=f"the uploaded image: {problem}", kind=kind, status=status)
 
 
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
+
+
 class ClassifierAPI(ls.LitAPI):
     """One inference worker: the model and forward pass of ``mixnet predict`` (same options), run on
     batches of uploads through ``mixnet.inference.predict.predict``, so preprocessing, class names and
@@ -161,6 +165,9 @@ class ClassifierAPI(ls.LitAPI):
         # Ctrl-C reaches the whole process group; the main process stops this worker itself once the
         # HTTP process has answered the requests in flight.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # That stop is a SIGTERM: exit through Python so that its clean-up runs (multiprocessing
+        # semaphores, such as tqdm's lock, are unlinked instead of reported as leaked).
+        signal.signal(signal.SIGTERM, _exit_quietly)
         torch.set_num_threads(self.threads)
         self.model, self.forward = self.build_model(self.model_args)
         # /health turns 200 only after this: the first batches of each size are the slow ones.
