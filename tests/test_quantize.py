@@ -196,16 +196,14 @@ def test_bf16_predict_gives_the_fp32_answers(weights_dir, photos, capsys):
 def test_benchmark_low_precision_paths_measure_graphs_that_match_the_model(capsys):
     """The INT8 and bf16 benchmark paths in smoke mode: each runner's answers are checked against the
     model's before timing, and the timed results come out for every path."""
-    from mixnet import create_model
-    from mixnet.deploy.benchmark import build_path, calibration_arrays, default_paths, randomize_batchnorm
+    from conftest import randomized
+    from mixnet.deploy.benchmark import build_path, calibration_arrays, default_paths
 
     paths = [p for p in default_paths(False, False, False, ["int8", "bf16"])
              if (runtimes.cpu_flags() & set(runtimes.BF16_CPU_FLAGS) or not p.endswith("-bf16"))
              and ("-openvino" not in p or "openvino" in INSTALLED_BACKENDS)]
     assert "mixnet-onnxruntime-int8" in paths and "mixnet-onnxruntime" in paths
-    torch.manual_seed(0)
-    model = randomize_batchnorm(create_model("mixnet_s")).eval()
-    torch.nn.init.normal_(model.classifier.weight, std=0.1)  # the head starts at zero: give logits a spread
+    model = randomized("mixnet_s")  # random statistics and head: logits with a spread, not zeros
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     calibration = calibration_arrays(model, 64, count=8)
     import tempfile

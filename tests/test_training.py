@@ -199,6 +199,15 @@ def test_train_refuses_to_overwrite_a_run(data, tmp_path):
         train(tiny_config(data, run, epochs=1))
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, tmp_path, monkeypatch):
+    from mixnet.deploy import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512f"})
+    with pytest.raises(MixNetError, match="--amp bf16 on CPU needs avx512_bf16 or amx_bf16"):
+        train(tiny_config(data, tmp_path / "run", amp="bf16"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_max_minutes_stops_with_a_checkpoint_that_resumes(data, tmp_path):
     run = tmp_path / "run"
     result = train(tiny_config(data, run, epochs=1, max_minutes=1e-9))
