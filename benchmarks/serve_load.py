@@ -103,7 +103,8 @@ async def load(url: str, photos: list, expected: list, n: int, clients: int, dea
 def run_setting(name: str, server_args: list, args, model, forward, photos, expected) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    extra = (["--fast"] if args.fast else []) + ["--backend", args.backend, "--threads", str(args.threads)]
+    extra = (["--fast"] if args.fast else []) + ["--backend", args.backend,
+                                                 "--threads", str(args.server_threads or args.threads)]
     proc = subprocess.Popen([sys.executable, "-m", "mixnet", "serve", "--port", str(port), *server_args, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, in process and in the server's worker (default: 1; on a shared 2-core "
                              "machine two threads spin against the other load and both sides slow down erratically)")
+    parser.add_argument("--server-threads", type=int, help="threads of the server's worker (default: --threads)")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
@@ -181,7 +183,8 @@ def main() -> None:
     expected = [p.top[0].name for p in mixnet.predict(model, EXAMPLES, topk=1, forward=forward)]
     mixnet.predict(model, EXAMPLES * 6, forward=forward)  # warm the in-process side too
     backend = args.backend + (" --fast" if args.fast else "")
-    print(f"| setting ({backend}, {args.threads} thread(s), {args.clients} clients) | requests | errors | unsent | "
+    threads = f"{args.threads} thread(s)" + (f", server {args.server_threads}" if args.server_threads else "")
+    print(f"| setting ({backend}, {threads}, {args.clients} clients) | requests | errors | unsent | "
           f"in-process img/s | served req/s | ratio | CPU ms/img in-process / served | p50 ms | p95 ms | "
           f"RSS warm / after MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)

@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="inference processes, each with its own copy of the model (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="torch/onnxruntime threads in each inference process (default: cores / workers)")
+                   help="torch/onnxruntime threads in each inference process (default: (cores - 1) / workers, "
+                        "at least 1: a core is left to the HTTP process)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes per answer (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20, metavar="MB",
                    help="largest upload accepted (default: %(default)s)")

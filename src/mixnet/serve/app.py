@@ -389,7 +389,9 @@ def serve(args: argparse.Namespace, build_model: Callable) -> int:
     model, forward = build_model(args)
     del forward
     name = model_name_of(model, args.model)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)  # the workers share the cores
+    # The workers share the cores but one, left to the HTTP process: on 2 cores, a 2-thread worker spun
+    # against it and cost twice the CPU per image (benchmarks/RESULTS.md, `mixnet serve` under load).
+    threads = args.threads or max(1, ((os.cpu_count() or 1) - 1) // args.workers)
     info = describe_service(model, name, args, threads)
     del model  # the workers load their own
     api = ClassifierAPI(build_model, args, name, topk=args.topk, threads=threads, max_batch_size=args.max_batch_size,
