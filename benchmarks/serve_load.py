@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
+    # a timeout's SIGTERM still stops the server (run_setting's finally), which lives in its own session
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"serve_load.py: stopped by signal {signum}"))
 
     torch.set_num_threads(args.threads)
     model, forward = inference_model(argparse.Namespace(model=None, weights=None, fast=args.fast,
