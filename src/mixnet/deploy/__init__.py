@@ -1,1 +1,2 @@
-"""Deploying a model: export to ONNX / TorchScript / PT2, and benchmarks against timm."""
+"""Deploying a model: export (ONNX, TorchScript, PT2), INT8 quantization, the optional runtimes
+(OpenVINO), and benchmarks against timm."""
