@@ -13,10 +13,7 @@ import json
 import pickle
 import shutil
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -610,43 +607,6 @@ def test_tags_without_a_registered_hub_digest_never_use_the_hub(tag, server, loc
     with pytest.raises(MixNetError, match=rf"{tag}: no sha256 is registered for a Hugging Face copy"):
         load_model(tag, cache_dir=tmp_path, source="hf", progress=False)
     assert len(server.requests) == 1 and server.hub_requests == []
-
-
-CONCURRENT_CHILD = """
-import sys
-from mixnet.pretrained.download import download
-print("ready", flush=True)
-print(download(sys.argv[1], sys.argv[2], sys.argv[3], progress=False), flush=True)
-"""
-
-
-def test_concurrent_downloads_of_one_file_make_one_request_and_one_good_file(server, release_file, tmp_path):
-    name, data = release_file
-    server.files[name] = data
-    server.release.clear()  # the first download stops halfway until the second process waits too
-    dest = tmp_path / "cache" / name
-    args = [sys.executable, "-c", CONCURRENT_CHILD, f"{server.url}/{name}", str(dest),
-            hashlib.sha256(data).hexdigest()]
-    children = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    try:
-        deadline = time.monotonic() + 60
-        while not server.requests and children[0].poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.requests, children[0].communicate()[1]
-        children.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        assert children[1].stdout.readline() == "ready\n", children[1].communicate()[1]
-        time.sleep(1.0)  # the second is in download() now, while the first is halfway through the file
-        server.release.set()
-        outputs = [child.communicate(timeout=120) for child in children]
-    finally:
-        server.release.set()
-        for child in children:
-            child.kill()
-            child.wait()
-    assert [child.returncode for child in children] == [0, 0], [err for _, err in outputs]
-    assert [out.splitlines()[-1] for out, _ in outputs] == [str(dest), str(dest)]
-    assert dest.read_bytes() == data and cache_files(dest.parent) == [name]
-    assert len(server.requests) == 1  # the second found the first's file
 
 
 def test_rescaled_architecture_round_trips_through_a_hub_folder(tmp_path):
