@@ -13,6 +13,8 @@ import json
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -607,6 +609,20 @@ def test_tags_without_a_registered_hub_digest_never_use_the_hub(tag, server, loc
     with pytest.raises(MixNetError, match=rf"{tag}: no sha256 is registered for a Hugging Face copy"):
         load_model(tag, cache_dir=tmp_path, source="hf", progress=False)
     assert len(server.requests) == 1 and server.hub_requests == []
+
+
+def test_concurrent_downloads_of_one_file_make_one_request_and_one_good_file():
+    # Server and both downloaders run in a script of their own (see concurrent_download.py for why).
+    script = Path(__file__).with_name("concurrent_download.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["returncodes"] == [0, 0], result["errors"]
+    assert result["second_ready"] and result["requests_while_stalled"] == 1  # both were inside download()
+    assert result["printed"] == [[result["dest"]], [result["dest"]]]
+    assert result["intact"] and result["cache"] == ["weights.pth"]  # no .part left, no second copy
+    assert result["requests"] == 1  # the second process found the first one's file
 
 
 def test_rescaled_architecture_round_trips_through_a_hub_folder(tmp_path):
