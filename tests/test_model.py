@@ -247,7 +247,7 @@ def test_head_api():
 
 def test_initialisation_follows_the_reference():
     torch.manual_seed(0)
-    model = mixnet.create_model("mixnet_m", head_init="reference")
+    model = mixnet.create_model("mixnet_m", init="reference")
     head = model.conv_head.weight  # 1x1, 1536 outputs, groups 1: fan_out 1536
     assert head.std().item() == pytest.approx(math.sqrt(2 / 1536), rel=0.02)
     dw = model.blocks[5][1].conv_dw[0].weight  # depthwise: fan_out = k*k*out/groups = k*k
@@ -256,6 +256,27 @@ def test_initialisation_follows_the_reference():
     w = model.classifier.weight
     assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
     assert model.classifier.bias.abs().sum() == 0
+    assert all(bool((m.weight == 1).all()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_by_default_every_block_with_a_skip_starts_as_the_identity(features_only):
+    torch.manual_seed(0)
+    model = mixnet.create_model("mixnet_m", features_only=features_only).train()
+    seen = []
+
+    def check(block, inputs, output):
+        seen.append(block)
+        torch.testing.assert_close(output, inputs[0], rtol=0, atol=0)
+
+    blocks = [m for m in model.modules() if getattr(m, "has_skip", None) is not None]
+    # mixnet_m (paper, Fig. 8): 1 + 2 + 4 + 4 + 4 + 4 blocks; the first of stages 1-5 changes shape
+    assert sum(b.has_skip for b in blocks) == 14 and len(blocks) == 19
+    for block in blocks:
+        if block.has_skip:
+            block.register_forward_hook(check)
+    model(torch.randn(2, 3, 64, 64))
+    assert len(seen) == 14
 
 
 def test_drop_path_is_stochastic_in_training_and_grows_with_depth():

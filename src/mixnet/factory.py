@@ -45,14 +45,15 @@ def create_model(name: str, pretrained=False, num_classes: Optional[int] = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
                  out_indices: Optional[Sequence[int]] = None, *, cache_dir=None,
                  url_base: Optional[str] = None, source: str = "auto", progress: bool = True,
-                 head_init: str = "zero", **overrides) -> nn.Module:
+                 init: str = "zero", **overrides) -> nn.Module:
     """Build a MixNet by name, e.g. ``create_model("mixnet_s", num_classes=10)``.
 
     ``pretrained``: False (random init), True (the architecture's published weights, also chosen by a
     tagged name such as ``"mixnet_s.ft_in1k"``), a weights tag, or a file / hub folder / run directory
     (see ``mixnet.pretrained.checkpoint``). ``num_classes`` defaults to the weights' classes, else 1000;
-    a different count leaves the classifier freshly initialised: ``head_init="zero"`` (every class at
-    the same logit, a first loss of ln(num_classes)) or ``"reference"`` (the paper's). ``cache_dir``,
+    a different count leaves the classifier freshly initialised. ``init``: ``"zero"`` (every residual
+    branch and the classifier start at zero: a first loss of ln(num_classes), see ``init_weights``) or
+    ``"reference"`` (the paper's); weights loaded afterwards replace either. ``cache_dir``,
     ``url_base``, ``source`` and ``progress`` control downloading (``mixnet.pretrained.download.fetch``).
 
     ``overrides`` replace fields of the architecture (``width_multiplier``, ``depth_multiplier``,
@@ -72,12 +73,13 @@ def create_model(name: str, pretrained=False, num_classes: Optional[int] = None,
         num_classes = checkpoint.num_classes if checkpoint is not None else 1000
     pretrained_cfg = MODELS[name].pretrained_cfg
     if features_only:
-        model: nn.Module = MixNetFeatures(config, in_chans, drop_path_rate, out_indices, pretrained_cfg, name)
+        model: nn.Module = MixNetFeatures(config, in_chans, drop_path_rate, out_indices, pretrained_cfg, name,
+                                          init)
     else:
         if out_indices is not None:
             raise ValueError("out_indices only applies with features_only=True")
         model = MixNet(config, num_classes, in_chans, drop_rate, drop_path_rate, pretrained_cfg, name,
-                       head_init)
+                       init)
     if checkpoint is not None:
         fill(model, checkpoint)
     return model

@@ -293,7 +293,7 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
             try:
                 # the reference head: random logits, so checking each path against the model means something
                 torch.manual_seed(seed)
-                model = randomize_batchnorm(create_model(name, head_init="reference"), seed).eval()
+                model = randomize_batchnorm(create_model(name, init="reference"), seed).eval()
             except ValueError as e:
                 raise MixNetError(str(e)) from None
             calib = (calibration_arrays(model, image_size, calibration, seed=seed)

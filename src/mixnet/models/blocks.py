@@ -34,6 +34,10 @@ class DepthwiseSeparable(nn.Module):
         self.bn2 = norm_layer(out_channels)
         self.drop_path = drop_path(drop_path_rate)
 
+    def zero_init_last(self) -> None:
+        """Start the residual branch at zero, so the block begins as the identity."""
+        nn.init.zeros_(self.bn2.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
         x = self.se(self.act1(self.bn1(self.conv_dw(x))))
@@ -68,6 +72,10 @@ class InvertedResidual(nn.Module):
                                      tf_padding=tf_padding)
         self.bn3 = norm_layer(out_channels)
         self.drop_path = drop_path(drop_path_rate)
+
+    def zero_init_last(self) -> None:
+        """Start the residual branch at zero, so the block begins as the identity."""
+        nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
