@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HEAVY, RunsCode
+from conftest import HEAVY, RunsCode, randomized
 from mixnet import TrainConfig, create_model, resume_training, train
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
-from mixnet.training.loop import NonFiniteLoss
+from mixnet.training.distributed import setup_runtime
+from mixnet.training.loop import NonFiniteLoss, Trainer
 from mixnet.training.run_dir import BEST, LAST, load_checkpoint
 from mixnet.training.sampling import mix_seed
 from serve_process import free_port
@@ -126,18 +127,29 @@ SETTINGS = dict(epochs=3, batch_size=6, train_size=32, eval_size=32, workers=0, 
                 seed=3, drop_path_rate=0.1, randaugment_ops=2, mixup=0.4)
 
 
+def native_bf16() -> bool:
+    from mixnet.deploy.runtimes import BF16_CPU_FLAGS, cpu_flags
+
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (--amp bf16 refuses it)")
+
+
 @HEAVY
-@pytest.mark.parametrize("where", ["mid-epoch", "end-of-epoch"])
-def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where):
+@pytest.mark.parametrize("where,amp", [("mid-epoch", "none"), ("end-of-epoch", "none"),
+                                       pytest.param("mid-epoch", "bf16", marks=needs_bf16)])
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where, amp):
     reference = tmp_path / "reference"
-    train(tiny_config(data, reference, **SETTINGS, checkpoint_minutes=0))
+    settings = dict(SETTINGS, amp=amp)
+    train(tiny_config(data, reference, **settings, checkpoint_minutes=0))
 
     killed = tmp_path / "killed"
     if where == "mid-epoch":  # a checkpoint after every update; killed in the middle of epoch 2
-        settings = dict(SETTINGS, checkpoint_minutes=1e-6)
+        settings = dict(settings, checkpoint_minutes=1e-6)
         kill_when = lambda s: s.epoch == 1 and s.update >= 2  # noqa: E731
     else:
-        settings = dict(SETTINGS, checkpoint_minutes=0)
+        settings = dict(settings, checkpoint_minutes=0)
         kill_when = lambda s: s.epoch >= 1  # noqa: E731
     _run_until_killed(_cli_args(data, killed, **settings), killed, kill_when)
     state = load_checkpoint(killed / LAST)  # where the resumed run starts: 12 updates per epoch
@@ -153,6 +165,33 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(dat
         for name, tensor in getattr(theirs, key).items():
             assert torch.equal(getattr(ours, key)[name], tensor), f"{key}.{name} differs after resume"
     assert [r["train_loss"] for r in ours.history] == [r["train_loss"] for r in theirs.history]
+
+
+@needs_bf16
+def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data, tmp_path):
+    """Same weights (random, so every layer matters), same batch, one SGD update: the bf16 path must
+    give the fp32 loss and update up to bf16 rounding (a wrong graph or a lost gradient would not),
+    and must differ from it at all (else the flag did nothing)."""
+    # The full width at 64 px and batch 12: at 32 px the last stages are 1x1 and BatchNorm over 6 values
+    # amplifies bf16 rounding until the update directions agree at a cosine of only 0.7.
+    start = randomized("mixnet_s", seed=5, num_classes=3).state_dict()
+    results = {}
+    for amp in ("none", "bf16"):
+        config = tiny_config(data, tmp_path / amp, amp=amp, opt="sgd", lr=0.1, momentum=0.0, weight_decay=0.0,
+                             ema=False, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), model_args={},
+                             batch_size=12, train_size=64)
+        trainer = Trainer(config, setup_runtime("cpu", 1))
+        trainer.model.load_state_dict(start)
+        trainer.model.train()
+        trainer.data.sampler.set_epoch(0, 0)
+        torch.manual_seed(0)
+        loss_sum, samples = trainer.step([next(iter(trainer.data.train_loader))])
+        update = torch.cat([(p.detach() - start[n]).flatten() for n, p in trainer.model.named_parameters()])
+        results[amp] = (loss_sum / samples, update)
+    (loss32, update32), (loss16, update16) = results["none"], results["bf16"]
+    assert loss16 == pytest.approx(loss32, rel=5e-2) and loss16 != loss32  # 2.6% measured
+    assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.8  # 0.91 measured
+    assert not torch.equal(update16, update32)
 
 
 # The keys of a checkpoint as mixnet 0.1's trainer wrote them (before TrainState).
@@ -389,6 +428,16 @@ def test_recipes_fill_settings_and_overrides_win():
         TrainConfig.from_recipe("fast")
     with pytest.raises(MixNetError, match="unknown training setting"):
         TrainConfig.from_recipe(None, learning_rate=1.0)
+
+
+def test_small_data_settings_follow_the_run_length_unless_given():
+    short, middle, long = (TrainConfig.from_recipe("small-data", epochs=e) for e in (5, 12, 48))
+    assert (short.warmup_epochs, short.lr_base) == (0.5, 0.016)  # the 5-epoch values of docs/small-data.md
+    assert (long.warmup_epochs, long.lr_base) == (2, 0.03)  # the built-in model's first stage, unchanged
+    assert 0.016 < middle.lr_base < 0.03 and middle.warmup_epochs == pytest.approx(1.2)
+    given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0)
+    assert (given.lr_base, given.warmup_epochs) == (0.02, 0)
+    assert TrainConfig.from_recipe("small-data").lr_base == 0.03  # the recipe's own length: 50 epochs
 
 
 def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
