@@ -612,10 +612,11 @@ def test_tags_without_a_registered_hub_digest_never_use_the_hub(tag, server, loc
 
 
 def test_concurrent_downloads_of_one_file_make_one_request_and_one_good_file():
-    # Server and both downloaders run in a script of their own (see concurrent_download.py for why).
+    # Server and both downloaders run in a script of their own, away from this process.
     script = Path(__file__).with_name("concurrent_download.py")
+    # A session of its own: run inside the full xdist suite, this scene took the worker down with it.
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["returncodes"] == [0, 0], result["errors"]
