@@ -1,9 +1,9 @@
-"""PT2E INT8 (torchao's X86InductorQuantizer) under torch.compile, against fp32 eager and fp32 compiled.
+"""PT2E INT8 (torchao's X86InductorQuantizer) under torch.compile, against fp32 eager, compiled and onnxruntime.
 
 The third INT8 backend issue 14 asked to evaluate (the others, OpenVINO/NNCF and onnxruntime QDQ, ship
 in ``mixnet quantize``). Calibrates on photos read with the model's own eval transform, checks top-1
-agreement with fp32 (and accuracy, for a labelled folder) on held-back photos, then times every form
-side by side in one process, interleaved rounds, medians. Needs ``pip install torchao``.
+agreement with fp32 (and accuracy, for a labelled folder) on held-back photos, then times every form (at the
+model's own input size) side by side in one process, interleaved rounds, medians. Needs ``pip install torchao``.
 
     python benchmarks/pt2e_int8.py --model mixnet_s.imagenette --calibration ../shared/data/imagenette2-224/train \
         --check ../shared/data/imagenette2-224/val --json pt2e.json
@@ -15,11 +15,14 @@ import argparse
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import mixnet
+from mixnet.deploy.export import OnnxRuntimeModel, export_model
 from mixnet.deploy.quantize import compare_top1, load_batches, photo_labels, split_photos
 
 
@@ -28,7 +31,7 @@ def quantize_pt2e(model: torch.nn.Module, batches) -> torch.nn.Module:
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    example = next(iter(batches))[:1]
+    example = next(iter(batches))[:2]  # batch 1 would be specialised to a constant
     batch = torch.export.Dim("batch", min=1, max=256)
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(graph, quantizer)
@@ -62,7 +65,11 @@ def main() -> None:
     t0 = time.perf_counter()
     int8 = quantize_pt2e(model, calib)
     quantize_s = time.perf_counter() - t0
-    forms = {"fp32-eager": model, "fp32-compiled": torch.compile(model), "int8-pt2e-compiled": torch.compile(int8)}
+    onnx_file = Path(tempfile.mkdtemp()) / "model.onnx"
+    export_model(model, onnx_file)  # our fastest fp32 path: the merged graph under onnxruntime
+    forms = {"fp32-eager": model, "fp32-compiled": torch.compile(model),
+             "fp32-onnxruntime": OnnxRuntimeModel(onnx_file, args.threads),
+             "int8-pt2e-compiled": torch.compile(int8)}
     labels = photo_labels(args.check or args.calibration, check_files, model)
     result = dict(model=args.model, quantize_s=round(quantize_s, 1), check_images=len(check_files))
     with torch.no_grad():
@@ -72,7 +79,7 @@ def main() -> None:
         result["int8_first_compile_and_check_s"] = round(time.perf_counter() - t0, 1)
         timings = {}
         for bs in [int(b) for b in args.batch_size.split(",")]:
-            x = torch.randn(bs, 3, 224, 224)
+            x = torch.randn(bs, *model.pretrained_cfg["input_size"])  # the exported graph's image size
             for f in forms.values():  # compile for this shape, warm up
                 f(x), f(x)
             times = {name: [] for name in forms}
