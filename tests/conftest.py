@@ -31,6 +31,9 @@ from mixnet import save_pretrained  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REQUIRE_DATA_ENV = "MIXNET_REQUIRE_DATA"
 HEAVY = pytest.mark.xdist_group("heavy")
+# Run by a second pytest process of their own (`-m alone`, no xdist; the main run leaves them out): the
+# two-process download test took its xdist worker down in the full suite, though never when run alone.
+ALONE = pytest.mark.alone
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # CI runs one process per core (-n auto): MixNet's many small kernels parallelise poorly inside one

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mixnet
-from conftest import RunsCode, randomized
+from conftest import ALONE, RunsCode, randomized
 from mixnet.data.imagenet import imagenet_class_names
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
@@ -611,12 +611,12 @@ def test_tags_without_a_registered_hub_digest_never_use_the_hub(tag, server, loc
     assert len(server.requests) == 1 and server.hub_requests == []
 
 
+@ALONE
 def test_concurrent_downloads_of_one_file_make_one_request_and_one_good_file():
     # Server and both downloaders run in a script of their own, away from this process.
     script = Path(__file__).with_name("concurrent_download.py")
-    # A session of its own: run inside the full xdist suite, this scene took the worker down with it.
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL, start_new_session=True)
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["returncodes"] == [0, 0], result["errors"]
