@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from colour_model import make_colour_model  # noqa: E402
 from mixnet import save_pretrained  # noqa: E402
+from mixnet.deploy.runtimes import native_bf16  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REQUIRE_DATA_ENV = "MIXNET_REQUIRE_DATA"
@@ -34,6 +35,10 @@ HEAVY = pytest.mark.xdist_group("heavy")
 # Run by a second pytest process of their own (`-m alone`, no xdist; the main run leaves them out): the
 # two-process download test took its xdist worker down in the full suite, though never when run alone.
 ALONE = pytest.mark.alone
+
+
+# bf16 paths refuse CPUs without native bf16 (tested with a faked CPU); the real ones need it.
+needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # CI runs one process per core (-n auto): MixNet's many small kernels parallelise poorly inside one

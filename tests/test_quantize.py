@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from colour_model import COLOURS, write_colour_image
+from conftest import needs_bf16
 from mixnet.cli import main
 from mixnet.deploy import runtimes
 from mixnet.deploy.quantize import (BACKENDS, AgreementTooLow, compare_top1, load_batches, load_quantized,
@@ -36,8 +37,6 @@ def has_module(name: str) -> bool:
 BACKEND_MODULES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime",)}
 INSTALLED_BACKENDS = [b for b in BACKENDS if all(has_module(m) for m in BACKEND_MODULES[b])]
 needs_openvino = pytest.mark.skipif("openvino" not in INSTALLED_BACKENDS, reason="openvino/nncf not installed")
-needs_bf16 = pytest.mark.skipif(not runtimes.cpu_flags() & set(runtimes.BF16_CPU_FLAGS),
-                                reason="this CPU has no native bf16")
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +199,7 @@ def test_benchmark_low_precision_paths_measure_graphs_that_match_the_model(capsy
     from mixnet.deploy.benchmark import build_path, calibration_arrays, default_paths
 
     paths = [p for p in default_paths(False, False, False, ["int8", "bf16"])
-             if (runtimes.cpu_flags() & set(runtimes.BF16_CPU_FLAGS) or not p.endswith("-bf16"))
+             if (runtimes.native_bf16() or not p.endswith("-bf16"))
              and ("-openvino" not in p or "openvino" in INSTALLED_BACKENDS)]
     assert "mixnet-onnxruntime-int8" in paths and "mixnet-onnxruntime" in paths
     model = randomized("mixnet_s")  # random statistics and head: logits with a spread, not zeros

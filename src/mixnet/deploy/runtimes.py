@@ -40,11 +40,16 @@ def cpu_flags(cpuinfo: Optional[PathLike] = None) -> set:
     return set()
 
 
-def check_bf16_cpu() -> None:
-    """Raise a MixNetError unless this CPU computes bf16 natively."""
-    if not cpu_flags() & set(BF16_CPU_FLAGS):
-        raise MixNetError(f"--precision bf16 needs a CPU with {' or '.join(BF16_CPU_FLAGS)} (not in "
-                          f"{CPUINFO}); this one would emulate bf16, slower than fp32: use fp32 or int8")
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (elsewhere bf16 is emulated, slower than fp32)."""
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def check_bf16_cpu(option: str = "--precision bf16", instead: str = "fp32 or int8") -> None:
+    """Raise a MixNetError naming ``option`` unless this CPU computes bf16 natively."""
+    if not native_bf16():
+        raise MixNetError(f"{option} needs a CPU with {' or '.join(BF16_CPU_FLAGS)} (not in {CPUINFO}); "
+                          f"this one would emulate bf16, slower than fp32: use {instead}")
 
 
 class OpenVinoModel:

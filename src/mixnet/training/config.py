@@ -170,6 +170,12 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
 BUDGET_RULES = {"small-data": small_data_budget}
 
 
+def scaled_settings(recipe: str) -> set:
+    """The names of the settings ``recipe`` computes from the run's length."""
+    rule = BUDGET_RULES.get(recipe)
+    return set(rule(RECIPES[recipe]["epochs"])) if rule else set()
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 _PARSERS = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
@@ -199,7 +205,7 @@ def _option_help(name: str, default: Any) -> str:
     """The generic default and where a recipe differs from it, so ``-h`` shows what a recipe will use."""
     shown = "none" if default is None else default
     by_recipe = [f"{r}: {values[name]}" + (" at its default length, scaled to --epochs"
-                                           if name in BUDGET_RULES.get(r, lambda e: {})(1) else "")
+                                           if name in scaled_settings(r) else "")
                  for r, values in RECIPES.items() if name in values and values[name] != default]
     return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "")
 

@@ -390,11 +390,9 @@ def check_config(config: TrainConfig, runtime: Runtime) -> None:
     if config.amp == "fp16" and runtime.device.type != "cuda":
         raise MixNetError("amp fp16 needs a GPU; on CPU use --amp bf16 or none")
     if config.amp == "bf16" and runtime.device.type == "cpu":
-        from ..deploy.runtimes import BF16_CPU_FLAGS, CPUINFO, cpu_flags
+        from ..deploy.runtimes import check_bf16_cpu
 
-        if not cpu_flags() & set(BF16_CPU_FLAGS):
-            raise MixNetError(f"--amp bf16 on CPU needs {' or '.join(BF16_CPU_FLAGS)} (not in {CPUINFO}): "
-                              f"emulated bf16 is slower than fp32; use --amp none")
+        check_bf16_cpu("--amp bf16", instead="--amp none")
     if config.sync_bn and runtime.distributed and runtime.device.type != "cuda":
         raise MixNetError("--sync-bn needs GPUs (torch's SyncBatchNorm is GPU-only); on CPU, BatchNorm "
                           "statistics are averaged over processes before each evaluation instead")
