@@ -98,9 +98,29 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_held_schedules_stay_at_the_peak_then_decay_to_min_lr_by_the_end():
+    # 2 warm-up epochs, then half of the remaining 8 held at the peak: the decay runs from t=6 to t=10.
+    cosine = LRSchedule("cosine", lr=1.0, epochs=10, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1, hold=0.5)
+    linear = LRSchedule("linear", lr=1.0, epochs=10, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1, hold=0.5)
+    for sched in (cosine, linear):
+        assert sched(1) == pytest.approx(0.5)
+        assert sched(2) == sched(4) == sched(6) == 1.0
+        assert sched(8) == pytest.approx(0.55)  # halfway down, for both shapes
+        assert sched(10) == pytest.approx(0.1)
+    assert linear(7) == pytest.approx(1.0 - 0.9 / 4)
+    assert cosine(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_adamw_takes_the_second_moment_decay_it_is_given():
+    assert create_optimizer("adamw", nn.Linear(2, 2), lr=0.1, weight_decay=0.0).param_groups[0]["betas"] == \
+        (0.9, 0.999)
+    assert create_optimizer("adamw", nn.Linear(2, 2), lr=0.1, weight_decay=0.0, beta2=0.99
+                            ).param_groups[0]["betas"] == (0.9, 0.99)
+
+
 def test_unknown_schedule_and_optimizer_are_refused():
     with pytest.raises(ValueError, match="unknown schedule"):
-        LRSchedule("linear", lr=1.0, epochs=1)
+        LRSchedule("exponential", lr=1.0, epochs=1)
     with pytest.raises(ValueError, match="unknown optimizer"):
         create_optimizer("lion", nn.Linear(2, 2), lr=0.1, weight_decay=0.0)
 

@@ -423,11 +423,16 @@ def test_recipes_fill_settings_and_overrides_win():
 
 def test_small_data_settings_follow_the_run_length_unless_given():
     short, middle, long = (TrainConfig.from_recipe("small-data", epochs=e) for e in (5, 12, 48))
-    assert (short.warmup_epochs, short.lr_base) == (0.5, 0.016)  # the 5-epoch values of docs/small-data.md
-    assert (long.warmup_epochs, long.lr_base) == (2, 0.03)  # the built-in model's first stage, unchanged
+    # the 5-epoch values of docs/small-data.md
+    assert (short.warmup_epochs, short.lr_base, short.scale, short.sched_hold, short.opt_beta2) == \
+        (0.5, 0.016, (0.6, 1.0), 0.5, 0.99)
+    # the built-in model's first stage, unchanged
+    assert (long.warmup_epochs, long.lr_base, long.scale, long.sched_hold, long.opt_beta2) == \
+        (2, 0.03, (0.35, 1.0), 0.0, 0.999)
     assert 0.016 < middle.lr_base < 0.03 and middle.warmup_epochs == pytest.approx(1.2)
-    given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0)
-    assert (given.lr_base, given.warmup_epochs) == (0.02, 0)
+    assert 0.35 < middle.scale[0] < 0.6 and 0 < middle.sched_hold < 0.5 and 0.99 < middle.opt_beta2 < 0.999
+    given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0, scale=(0.08, 1.0))
+    assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold) == (0.02, 0, (0.08, 1.0), 0.5)
     assert TrainConfig.from_recipe("small-data").lr_base == 0.03  # the recipe's own length: 50 epochs
 
 

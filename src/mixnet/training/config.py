@@ -39,8 +39,10 @@ class TrainConfig:
     lr_base_size: int = 256
     momentum: float = 0.9
     opt_eps: float = 1e-8
+    opt_beta2: float = 0.999  # AdamW's second-moment decay
     weight_decay: float = 0.05
-    sched: str = "cosine"  # cosine | step | constant
+    sched: str = "cosine"  # cosine | linear | step | constant
+    sched_hold: float = 0.0  # cosine/linear: fraction of the post-warmup span held at the peak lr
     sched_per_step: bool = True  # False: the lr changes at epoch boundaries only
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-6
@@ -145,25 +147,34 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     ),
 }
 
-# small-data's learning rate (per 256 images) at 5 epochs and from 30 epochs on; see small_data_budget.
+# small-data's settings at 5 epochs that differ from its own (those of 30 epochs and more); see
+# small_data_budget. Evidence: docs/small-data.md.
 SHORT_RUN, LONG_RUN = 5, 30
-SHORT_RUN_LR_BASE = 0.016
+SHORT_RUN_SETTINGS = dict(lr_base=0.016, min_scale=0.6, sched_hold=0.5, opt_beta2=0.99)
 
 
 def small_data_budget(epochs: int) -> Dict[str, Any]:
     """The small-data settings that follow the run's length (evidence: docs/small-data.md).
 
-    From ``LONG_RUN`` epochs on they are the recipe's own (the built-in model's first stage). A short
-    run cannot afford 2 epochs of warm-up, and learns fastest at a lower peak learning rate: side by side
-    on Imagenette, the first epoch of a 5-epoch run reached 54% val top-1 (EMA) at lr_base 0.016, 51% at
-    0.008 and 46% at 0.03, while 30-epoch runs had learnt faster at 0.03 than at 0.01. So warm-up takes
-    a tenth of the run (at most 2 epochs) and lr_base moves geometrically from 0.016 at 5 epochs to 0.03
-    at 30.
+    From ``LONG_RUN`` epochs on they are the recipe's own (the built-in model's first stage). A short run
+    cannot afford 2 epochs of warm-up; it learns most at a lower peak learning rate held for longer, with
+    AdamW's second moment averaged over fewer steps, and from milder crops (it underfits: every image is
+    seen a few times only). Side by side on Imagenette over 5 epochs, each of these changes gained
+    points. So warm-up takes a tenth of the run (at most 2 epochs), and lr_base, the smallest crop
+    area, the held fraction of the schedule and AdamW's beta2 go from their 5-epoch values to the
+    recipe's at 30 epochs in proportion to log(epochs) (lr_base, crop area and 1 - beta2 geometrically).
     """
+    recipe, short = RECIPES["small-data"], SHORT_RUN_SETTINGS
     f = min(max(math.log(epochs / SHORT_RUN) / math.log(LONG_RUN / SHORT_RUN), 0.0), 1.0)
-    long_lr = RECIPES["small-data"]["lr_base"]
-    return dict(warmup_epochs=min(RECIPES["small-data"]["warmup_epochs"], 0.1 * epochs),
-                lr_base=round(SHORT_RUN_LR_BASE ** (1 - f) * long_lr ** f, 6))
+
+    def between(at_short: float, at_long: float) -> float:
+        return at_short ** (1 - f) * at_long ** f
+
+    return dict(warmup_epochs=min(recipe["warmup_epochs"], 0.1 * epochs),
+                lr_base=round(between(short["lr_base"], recipe["lr_base"]), 6),
+                scale=(round(between(short["min_scale"], recipe["scale"][0]), 3), recipe["scale"][1]),
+                sched_hold=round(short["sched_hold"] * (1 - f), 3),
+                opt_beta2=round(1 - between(1 - short["opt_beta2"], 1 - TrainConfig.opt_beta2), 5))
 
 
 # Recipes some of whose settings are computed from the run's length, unless given explicitly.
@@ -204,9 +215,10 @@ _GROUPS = {"model": "model and data", "epochs": "optimisation", "train_size": "a
 def _option_help(name: str, default: Any) -> str:
     """The generic default and where a recipe differs from it, so ``-h`` shows what a recipe will use."""
     shown = "none" if default is None else default
-    by_recipe = [f"{r}: {values[name]}" + (" at its default length, scaled to --epochs"
-                                           if name in scaled_settings(r) else "")
-                 for r, values in RECIPES.items() if name in values and values[name] != default]
+    by_recipe = [f"{r}: {values.get(name, default)}" + (" at its default length, scaled to --epochs"
+                                                        if name in scaled_settings(r) else "")
+                 for r, values in RECIPES.items() if values.get(name, default) != default
+                 or name in scaled_settings(r)]
     return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "")
 
 

@@ -83,9 +83,10 @@ class Trainer:
         self.ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.global_batch = cfg.batch_size * cfg.accum_steps * rt.world_size
         self.lr = cfg.lr if cfg.lr is not None else cfg.lr_base * self.global_batch / cfg.lr_base_size
-        self.optimizer = create_optimizer(cfg.opt, model, self.lr, cfg.weight_decay, cfg.momentum, cfg.opt_eps)
+        self.optimizer = create_optimizer(cfg.opt, model, self.lr, cfg.weight_decay, cfg.momentum, cfg.opt_eps,
+                                          beta2=cfg.opt_beta2)
         self.schedule = LRSchedule(cfg.sched, self.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr,
-                                   cfg.min_lr, cfg.decay_epochs, cfg.decay_rate)
+                                   cfg.min_lr, cfg.decay_epochs, cfg.decay_rate, cfg.sched_hold)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.ddp = (nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None) if rt.distributed else model)

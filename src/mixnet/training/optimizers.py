@@ -92,18 +92,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 
 def create_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-                     eps: float = 1e-8, nesterov: bool = True) -> torch.optim.Optimizer:
+                     eps: float = 1e-8, nesterov: bool = True, beta2: float = 0.999) -> torch.optim.Optimizer:
     groups = parameter_groups(model, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.9, beta2))
     if name == "rmsproptf":
         return RMSpropTF(groups, lr=lr, eps=eps, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
 
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "linear", "step", "constant")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,9 @@ class LRSchedule:
 
     Warmup: linear from ``warmup_lr`` at t=0 to ``lr`` at ``t = warmup_epochs``. Then:
 
-    - ``cosine``: from ``lr`` down to ``min_lr`` at ``t = epochs`` (half a cosine over the post-warmup span);
+    - ``cosine``: ``lr`` held for ``hold`` (a fraction) of the post-warmup span, then down to ``min_lr`` at
+      ``t = epochs`` along half a cosine;
+    - ``linear``: the same with a straight line down;
     - ``step``: ``lr * decay_rate ** floor(t / decay_epochs)`` (t counted from the start, warmup included,
       as in the reference recipe);
     - ``constant``: ``lr``.
@@ -126,6 +128,7 @@ class LRSchedule:
     min_lr: float = 0.0
     decay_epochs: float = 2.4
     decay_rate: float = 0.97
+    hold: float = 0.0
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
@@ -136,10 +139,11 @@ class LRSchedule:
             return self.warmup_lr + (self.lr - self.warmup_lr) * t / self.warmup_epochs
         if self.kind == "step":
             return self.lr * self.decay_rate ** math.floor(t / self.decay_epochs)
-        if self.kind == "cosine":
-            span = max(self.epochs - self.warmup_epochs, 1e-12)
-            progress = min((t - self.warmup_epochs) / span, 1.0)
-            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        if self.kind in ("cosine", "linear"):
+            start = self.warmup_epochs + self.hold * (self.epochs - self.warmup_epochs)
+            progress = min(max(t - start, 0.0) / max(self.epochs - start, 1e-12), 1.0)
+            remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1.0 - progress
+            return self.min_lr + (self.lr - self.min_lr) * remaining
         return self.lr
 
 
