@@ -229,6 +229,14 @@ def test_train_refuses_to_overwrite_a_run(data, tmp_path):
         train(tiny_config(data, run, epochs=1))
 
 
+@pytest.mark.parametrize("setting", [{"sched_hold": 1.0}, {"sched_hold": -0.1}, {"opt_beta2": 1.0}])
+def test_out_of_range_schedule_hold_or_beta2_is_refused_before_the_run_starts(data, tmp_path, setting):
+    name, value = next(iter(setting.items()))
+    with pytest.raises(MixNetError, match=rf"^{name} must be in \[0, 1\), got {value}$"):
+        train(tiny_config(data, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, tmp_path, monkeypatch):
     from mixnet.deploy import runtimes
 

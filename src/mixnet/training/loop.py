@@ -400,6 +400,9 @@ def check_config(config: TrainConfig, runtime: Runtime) -> None:
     for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
         if getattr(config, name) < 1:
             raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("sched_hold", "opt_beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise MixNetError(f"{name} must be in [0, 1), got {getattr(config, name)}")
 
 
 def train(config: TrainConfig) -> TrainResult:
