@@ -237,6 +237,13 @@ def test_out_of_range_schedule_hold_or_beta2_is_refused_before_the_run_starts(da
     assert not (tmp_path / "run").exists()
 
 
+def test_the_trainer_uses_the_held_schedule_and_beta2_it_is_given(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path / "run", epochs=4, sched_hold=0.5, opt_beta2=0.99),
+                      setup_runtime("cpu", 1))
+    assert trainer.schedule(2.0) == trainer.lr > trainer.schedule(3.0)  # held to t=2, then down
+    assert all(group["betas"] == (0.9, 0.99) for group in trainer.optimizer.param_groups)
+
+
 def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, tmp_path, monkeypatch):
     from mixnet.deploy import runtimes
 
