@@ -8,7 +8,7 @@ from conftest import randomized
 from mixnet import list_models
 from mixnet.deploy.benchmark import randomize_batchnorm
 from mixnet.models.layers import Conv2dSame, MixedConv2d
-from mixnet.models.fusion import fold_batchnorm, merge_mixed_conv, optimize_for_inference
+from mixnet.models.fusion import fold_batchnorm, merge_mixed_conv, mixed_conv_names, optimize_for_inference
 
 TOLERANCE = 1e-4
 
@@ -51,6 +51,21 @@ def test_batchnorm_folds_into_split_mixconvs(name):
     assert (fast(x) - model(x)).abs().max().item() < TOLERANCE
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert any(isinstance(m, MixedConv2d) for m in fast.modules())
+
+
+@torch.no_grad()
+def test_only_the_named_mixconvs_are_merged():
+    model = randomized("mixnet_s")
+    names = mixed_conv_names(model)
+    assert "blocks.2.0.conv_dw" in names and "blocks.1.0.conv_pw" in names
+    chosen = names[::2]
+    fast = optimize_for_inference(model, merge_mixconv=chosen)
+    still_split = [name for name, m in fast.named_modules() if isinstance(m, MixedConv2d)]
+    assert still_split == [name for name in names if name not in chosen]
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(1))
+    assert (fast(x) - model(x)).abs().max().item() < TOLERANCE
+    with pytest.raises(ValueError, match="no MixConv named 'blocks.0.0.conv_dw'"):
+        optimize_for_inference(model, merge_mixconv=["blocks.0.0.conv_dw"])
 
 
 @pytest.mark.parametrize("in_channels,out_channels", [(48, 96), (50, 75)])

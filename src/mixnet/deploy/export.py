@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import MixNetError, first_line
 from ..fileio import PathLike, atomic_write
 from ..models.network import MixNet
-from ..models.fusion import optimize_for_inference
+from ..models.fusion import MergeChoice, optimize_for_inference
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript", ".pt2": "pt2"}
@@ -170,7 +170,7 @@ def compare_with_model(runner: Callable[[Tensor], Tensor], model: nn.Module,
 def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
                  tolerance: float = DEFAULT_TOLERANCE, check: bool = True,
                  check_shapes: Optional[Sequence[Tuple[int, int, int, int]]] = None,
-                 merge_mixconv: bool = True) -> ExportResult:
+                 merge_mixconv: MergeChoice = True) -> ExportResult:
     """Write ``model`` (eval mode, inference form) to ``output`` and check the file reproduces it.
 
     The check runs the written file on random input of ``check_shapes`` (default: batch 1 at the

@@ -15,7 +15,7 @@ Why the rewrites help (measured on a 2-core CPU, see benchmarks/RESULTS.md):
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +102,28 @@ def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     return fold_batchnorm(conv, bn)
 
 
+# Which MixConvs to merge: all (True), none (False), or those whose module names are listed.
+MergeChoice = Union[bool, Collection[str]]
+
+
+def mixed_conv_names(model: nn.Module) -> List[str]:
+    """The module names of ``model``'s MixConvs (the layers a merge choice is about), in order."""
+    return [name for name, m in model.named_modules() if isinstance(m, MixedConv2d)]
+
+
 @torch.no_grad()
-def fuse_model(model: nn.Module, merge_mixconv: bool = True) -> nn.Module:
+def fuse_model(model: nn.Module, merge_mixconv: MergeChoice = True) -> nn.Module:
     """Fold every batch norm into its conv (and merge MixConvs) in place; returns ``model``.
 
     The batch norms become identities, so the model's own forward code runs unchanged.
+    ``merge_mixconv``: True merges every MixConv, False none, a collection of module names (see
+    ``mixed_conv_names``) just those: a runtime may run some layers faster split (zero-padding a 3x3
+    kernel to 9x9 does 9x its multiply-adds) and others merged.
     """
+    names = set(mixed_conv_names(model))
+    chosen = names if merge_mixconv is True else set() if merge_mixconv is False else set(merge_mixconv)
+    if chosen - names:
+        raise ValueError(f"no MixConv named {sorted(chosen - names)[0]!r} in {type(model).__name__}")
     model.eval()
     for module in model.modules():
         for conv_name, bn_name in CONV_BN_PAIRS.get(type(module), ()):
@@ -115,15 +131,14 @@ def fuse_model(model: nn.Module, merge_mixconv: bool = True) -> nn.Module:
             if isinstance(bn, nn.BatchNorm2d):
                 setattr(module, conv_name, _fold_into(conv, bn))
                 setattr(module, bn_name, nn.Identity())
-    if merge_mixconv:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, MixedConv2d):
-                    setattr(parent, name, merge_mixed_conv(child))
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, merge_mixed_conv(getattr(parent, child_name)))
     return model
 
 
-def optimize_for_inference(model: nn.Module, merge_mixconv: bool = True, channels_last: bool = True,
+def optimize_for_inference(model: nn.Module, merge_mixconv: MergeChoice = True, channels_last: bool = True,
                            compile: bool = False, copy_model: bool = True) -> nn.Module:
     """A fast, eval-only form of ``model`` giving the same outputs (to float rounding).
 

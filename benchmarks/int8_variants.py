@@ -1,0 +1,86 @@
+"""INT8 graphs that keep the depthwise convs in float, against bf16 and fp32 (see RESULTS.md).
+
+OpenVINO's CPU plugin runs depthwise convs in f32 even in an INT8 graph, and the FakeQuantize nodes
+around them become separate elementwise passes. This script quantizes the merged graph as
+`mixnet quantize --backend openvino` does (NNCF, MIXED preset, full bias correction) and two variants:
+depthwise convs left out of quantization (NNCF ``ignored_scope``), with MIXED (asymmetric activations)
+or PERFORMANCE (symmetric) presets; each INT8 graph runs with OpenVINO's f32 and bf16 precision hints
+(the hint sets the precision of the float parts). All are timed side by side with our fp32 onnxruntime
+path and OpenVINO bf16, interleaved in one process. Speed only: random weights, random calibration images.
+
+    python benchmarks/int8_variants.py --model mixnet_s --batch-size 1 --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import nncf
+import openvino as ov
+import torch
+
+from mixnet import create_model
+from mixnet.deploy.benchmark import calibration_arrays, measure, randomize_batchnorm
+from mixnet.deploy.export import OnnxRuntimeModel, export_model
+from mixnet.deploy.runtimes import OpenVinoModel
+
+
+def depthwise_conv_names(model) -> list:
+    """OpenVINO names of the depthwise convs: GroupConvolutions with one channel per group, k > 1."""
+    names = []
+    for op in model.get_ops():
+        if op.get_type_name() == "GroupConvolution":
+            groups, out_per_group, in_per_group, k, _ = op.input(1).get_partial_shape().to_shape()
+            if out_per_group == in_per_group == 1 and k > 1:
+                names.append(op.get_friendly_name())
+    return names
+
+
+def quantize(source: Path, output: Path, calibration, float_depthwise: bool, preset) -> Path:
+    model = ov.Core().read_model(str(source))
+    ignored = nncf.IgnoredScope(names=depthwise_conv_names(model) if float_depthwise else [])
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                                  preset=preset, fast_bias_correction=False, ignored_scope=ignored)
+    ov.save_model(quantized, str(output), compress_to_fp16=False)
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mixnet_s")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    nncf.set_log_level(40)  # errors only: NNCF lists every node it leaves float
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model(args.model)).eval()
+    calibration = calibration_arrays(model, 224)
+    variants = {"int8 (shipped)": (False, nncf.QuantizationPreset.MIXED),
+                "int8, depthwise float": (True, nncf.QuantizationPreset.MIXED),
+                "int8, depthwise float, symmetric": (True, nncf.QuantizationPreset.PERFORMANCE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = export_model(model, Path(tmp) / "model.onnx", "onnx").path
+        runners = {"onnxruntime fp32": OnnxRuntimeModel(source, args.threads),
+                   "openvino bf16": OpenVinoModel(source, "bf16", args.threads)}
+        for i, (label, (float_depthwise, preset)) in enumerate(variants.items()):
+            graph = quantize(source, Path(tmp) / f"int8-{i}.xml", calibration, float_depthwise, preset)
+            for hint in ("f32", "bf16"):
+                runners[f"openvino {label}, {hint} hint"] = OpenVinoModel(graph, hint, args.threads)
+        x = torch.randn(args.batch_size, 3, 224, 224)
+        times = measure(runners, x, warmup=3, repeats=args.rounds)
+    base = statistics.median(times["onnxruntime fp32"])
+    print(f"{args.model} batch {args.batch_size}, {args.rounds} interleaved rounds: images/s (x onnxruntime fp32)")
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"| {name} | {args.batch_size / median:.1f} x{base / median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
