@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", metavar="P,P", help="exactly these paths (overrides --fast/--compare/--precision), "
                    "from: mixnet, mixnet-fast, mixnet-fast-compile, mixnet-onnxruntime, mixnet-openvino[-bf16|-int8], "
                    "mixnet-onnxruntime-int8, timm, timm-cl, timm-compile, timm-onnxruntime, "
-                   "timm-openvino[-bf16|-int8], timm-onnxruntime-int8; with --train: mixnet, mixnet-cl, timm, timm-cl")
+                   "timm-openvino[-bf16|-int8], timm-onnxruntime-int8; with --train: mixnet, mixnet-cl, timm, timm-cl, "
+                   "mixnet-cl-compile, timm-cl-compile")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per path (default: 3)")
     p.add_argument("--repeats", type=positive_int, default=20, metavar="N",
                    help="interleaved timed rounds (default: %(default)s)")

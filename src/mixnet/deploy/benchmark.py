@@ -41,6 +41,8 @@ INFER_PATHS = (OURS_EAGER,) + OURS_FAST + TIMM_EAGER + TIMM_FAST  # the fp32 pat
 RUNTIME_PATHS = tuple(p for ours, timm in PRECISION_PATHS.values() for p in ours + timm if p not in INFER_PATHS)
 CALIBRATION_IMAGES = 32  # per INT8 path; speed does not depend on the calibration images
 TRAIN_PATHS = ("mixnet", "mixnet-cl", "timm", "timm-cl")
+# Only when named in --paths: compiling a training step takes over a minute on a small CPU.
+COMPILED_TRAIN_PATHS = ("mixnet-cl-compile", "timm-cl-compile")
 SETTLE_S = 0.05  # idle time before each timed call (see measure)
 
 
@@ -191,21 +193,24 @@ def build_path(path: str, model: nn.Module, name: str, workdir: Path,
 
 
 def build_train_step(path: str, model: nn.Module, name: str, batch_size: int):
-    """One SGD step (forward, cross-entropy, backward, update) of ours or timm's model."""
+    """One SGD step (forward, cross-entropy, backward, update) of ours or timm's model; ``-cl``: in
+    channels_last, ``-compile``: forward (and so backward) compiled with torch.compile, as ``--compile``
+    trains."""
     if path.startswith("timm"):
         model = _timm_model(name, model)
     else:
         model = copy.deepcopy(model)
-    if path.endswith("-cl"):
+    if "-cl" in path:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    forward = torch.compile(model) if path.endswith("-compile") else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     targets = torch.randint(0, 1000, (batch_size,), generator=torch.Generator().manual_seed(0))
     loss_fn = nn.CrossEntropyLoss()
 
     def step(x: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), targets)
+        loss = loss_fn(forward(x), targets)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -280,7 +285,7 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    known = TRAIN_PATHS if train else INFER_PATHS + RUNTIME_PATHS
+    known = TRAIN_PATHS + COMPILED_TRAIN_PATHS if train else INFER_PATHS + RUNTIME_PATHS
     unknown = [p for p in paths if p not in known]
     if unknown:
         raise MixNetError(f"unknown benchmark path(s) {', '.join(unknown)} for "

@@ -72,6 +72,9 @@ class TrainConfig:
     ema_warmup: bool = True
     # Precision and system.
     amp: str = "none"  # none | bf16 | fp16 (fp16: GPU only, with a gradient scaler)
+    # torch.compile the model's training forward (and so its backward). For GPUs: on a 2-core CPU it was
+    # no faster than eager and took over a minute to compile (benchmarks/RESULTS.md).
+    compile: bool = False
     channels_last: bool = False
     sync_bn: bool = False
     freeze_bn: bool = False  # BatchNorm in eval mode: running statistics used, not updated (tiny batches)

@@ -90,6 +90,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.ddp = (nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None) if rt.distributed else model)
+        # What a training step calls; evaluation, EMA and checkpoints use the uncompiled model.
+        self.train_forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.mixer = build_mixer(cfg, len(self.class_names))
 
         # Where training stands: what a checkpoint saves besides the tensors (see TrainState).
@@ -238,7 +240,7 @@ class Trainer:
                 images, targets = self.mixer(images, targets)
             sync = rt.distributed and i < len(micro) - 1
             with (self.ddp.no_sync() if sync else nullcontext()), self.autocast():
-                loss = self.loss(self.ddp(images), targets)
+                loss = self.loss(self.train_forward(images), targets)
             value = float(loss.detach())
             nonfinite = nonfinite or not math.isfinite(value)
             scaled = loss / len(micro)
