@@ -191,6 +191,7 @@ def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data
     assert not torch.equal(update16, update32)
 
 
+@HEAVY
 def test_a_compiled_training_step_gives_the_eager_loss_and_update(data, tmp_path):
     """torch.compile of the training forward (and so of its backward): the eager loss and update up to
     float reassociation, where a wrong graph or a lost gradient would be far off."""
