@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import onnx
 import torch
 
@@ -31,6 +30,7 @@ from mixnet.deploy.benchmark import measure, randomize_batchnorm
 from mixnet.deploy.export import OnnxRuntimeModel, export_model
 from mixnet.deploy.runtimes import OpenVinoModel
 from mixnet.models.fusion import mixed_conv_names
+from openvino_layer_times import layer_times  # benchmarks/, beside this script
 
 
 def block_of(scopes: List[str]) -> str:
@@ -62,27 +62,11 @@ def name_nodes_by_block(path: Path) -> None:
     onnx.save(graph, str(path))
 
 
-def block_times(path: Path, precision: str, shape, threads: int, calls: int, warmup: int = 3) -> Dict[str, float]:
-    """{block: ms per call}, median over ``calls`` of OpenVINO's performance counters."""
-    runner = OpenVinoModel(path, precision, threads)
-    runner.config["PERF_COUNT"] = True
-    x = np.random.randn(*shape).astype(np.float32)
-    request = runner.request(tuple(shape))
-    times = collections.defaultdict(list)
-    for i in range(warmup + calls):
-        request.infer({0: x})
-        if i < warmup:
-            continue
-        per_call = collections.Counter()
-        for p in request.profiling_info:
-            if p.status == p.Status.EXECUTED:
-                # Reorders are named after the node they feed ('..._blocks.2.0|node_Conv_7').
-                found = re.search(r"(blocks\.\d+\.\d+)\|", p.node_name)
-                block = found.group(1) if found else "other"
-                per_call[block] += p.real_time.total_seconds() * 1e3
-        for block, ms in per_call.items():
-            times[block].append(ms)
-    return {block: statistics.median(v) for block, v in times.items()}
+def block_of_node(p) -> str:
+    """The block a profiled OpenVINO node belongs to; reorders are named after the node they feed
+    ('..._blocks.2.0|node_Conv_7')."""
+    found = re.search(r"(blocks\.\d+\.\d+)\|", p.node_name)
+    return found.group(1) if found else "other"
 
 
 def main() -> None:
@@ -107,8 +91,8 @@ def main() -> None:
         runners = {f"onnxruntime fp32 {label}": OnnxRuntimeModel(path, args.threads)
                    for label, path in graphs.items()}
         for precision in args.precision:
-            merged = block_times(graphs["merged"], precision, shape, args.threads, args.calls)
-            split = block_times(graphs["split"], precision, shape, args.threads, args.calls)
+            merged = layer_times(graphs["merged"], precision, shape, args.threads, args.calls, key=block_of_node)
+            split = layer_times(graphs["split"], precision, shape, args.threads, args.calls, key=block_of_node)
             print(f"\n{args.model} batch {args.batch_size} OpenVINO {precision}: ms per block, median of "
                   f"{args.calls} profiled calls (blocks with a MixConv)")
             print("| block | MixConvs | merged | split | faster |\n|---|---|---:|---:|---|")
@@ -136,5 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.random.seed(0)
     main()

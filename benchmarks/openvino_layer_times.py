@@ -26,8 +26,14 @@ from mixnet.deploy.quantize import quantize_onnx
 from mixnet.deploy.runtimes import OpenVinoModel
 
 
-def layer_times(path: Path, precision: str, shape, threads: int, calls: int, warmup: int = 3) -> dict:
-    """{(layer type, kernel): [ms per call]} from OpenVINO's performance counters."""
+def by_kernel(p) -> tuple:
+    return p.node_type, p.exec_type
+
+
+def layer_times(path: Path, precision: str, shape, threads: int, calls: int, warmup: int = 3,
+                key=by_kernel) -> dict:
+    """{key(node): ms per call}, median over ``calls``, from OpenVINO's performance counters; by default
+    keyed by (layer type, kernel)."""
     runner = OpenVinoModel(path, precision, threads)
     runner.config["PERF_COUNT"] = True
     x = torch.randn(shape)
@@ -41,10 +47,10 @@ def layer_times(path: Path, precision: str, shape, threads: int, calls: int, war
         per_call = collections.Counter()
         for p in request.profiling_info:
             if p.status == p.Status.EXECUTED:
-                per_call[(p.node_type, p.exec_type)] += p.real_time.total_seconds() * 1e3
-        for key, ms in per_call.items():
-            times[key].append(ms)
-    return {key: statistics.median(v) for key, v in times.items()}
+                per_call[key(p)] += p.real_time.total_seconds() * 1e3
+        for group, ms in per_call.items():
+            times[group].append(ms)
+    return {group: statistics.median(v) for group, v in times.items()}
 
 
 def main() -> None:
