@@ -4,8 +4,10 @@ OpenVINO's CPU plugin runs depthwise convs in f32 even in an INT8 graph, and the
 around them become separate elementwise passes. This script quantizes the merged graph as
 `mixnet quantize --backend openvino` does (NNCF, MIXED preset, full bias correction) and two variants:
 depthwise convs left out of quantization (NNCF ``ignored_scope``), with MIXED (asymmetric activations)
-or PERFORMANCE (symmetric) presets; each INT8 graph runs with OpenVINO's f32 and bf16 precision hints
-(the hint sets the precision of the float parts). All are timed side by side with our fp32 onnxruntime
+or PERFORMANCE (symmetric) presets; and INT8 only in the blocks where the shipped INT8 graph ran faster
+than the float graph under the bf16 hint (OpenVINO's per-node times summed per block, as in
+mixconv_merge_choice.py), every other block float. Each INT8 graph runs with OpenVINO's f32 and bf16
+precision hints (the hint sets the precision of the float parts). All are timed side by side with our fp32 onnxruntime
 path and OpenVINO bf16, interleaved in one process. Speed only: random weights, random calibration images.
 
     python benchmarks/int8_variants.py --model mixnet_s --batch-size 1 --rounds 30
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 import tempfile
@@ -28,6 +31,8 @@ from mixnet import create_model
 from mixnet.deploy.benchmark import calibration_arrays, measure, randomize_batchnorm
 from mixnet.deploy.export import OnnxRuntimeModel, export_model
 from mixnet.deploy.runtimes import OpenVinoModel
+from mixconv_merge_choice import block_of_node, name_nodes_by_block  # benchmarks/, beside this script
+from openvino_layer_times import layer_times
 
 
 def depthwise_conv_names(model) -> list:
@@ -41,9 +46,21 @@ def depthwise_conv_names(model) -> list:
     return names
 
 
-def quantize(source: Path, output: Path, calibration, float_depthwise: bool, preset) -> Path:
+def faster_in_float(source: Path, int8: Path, shape, threads: int, calls: int = 20) -> list:
+    """The blocks whose nodes took less time in the float graph than in the INT8 one, both under the
+    bf16 hint (per-node times summed per block; nodes are named after their block)."""
+    float_ms = layer_times(source, "bf16", shape, threads, calls, key=block_of_node)
+    int8_ms = layer_times(int8, "bf16", shape, threads, calls, key=block_of_node)
+    for block in sorted(float_ms, key=lambda b: [int(t) if t.isdigit() else t for t in b.split(".")]):
+        print(f"| {block} | bf16 {float_ms[block]:.3f} ms | int8 {int8_ms.get(block, 0.0):.3f} ms |",
+              file=sys.stderr)
+    return [b for b in float_ms if b != "other" and float_ms[b] <= int8_ms.get(b, float("inf"))]
+
+
+def quantize(source: Path, output: Path, calibration, float_depthwise: bool, preset, float_blocks=()) -> Path:
     model = ov.Core().read_model(str(source))
-    ignored = nncf.IgnoredScope(names=depthwise_conv_names(model) if float_depthwise else [])
+    ignored = nncf.IgnoredScope(names=depthwise_conv_names(model) if float_depthwise else [],
+                                patterns=[re.escape(b) + r"\|.*" for b in float_blocks], validate=False)
     with contextlib.redirect_stdout(sys.stderr):
         quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
                                   preset=preset, fast_bias_correction=False, ignored_scope=ignored)
@@ -67,13 +84,20 @@ def main() -> None:
                 "int8, depthwise float, symmetric": (True, nncf.QuantizationPreset.PERFORMANCE)}
     with tempfile.TemporaryDirectory() as tmp:
         source = export_model(model, Path(tmp) / "model.onnx", "onnx").path
+        name_nodes_by_block(source)
         runners = {"onnxruntime fp32": OnnxRuntimeModel(source, args.threads),
                    "openvino bf16": OpenVinoModel(source, "bf16", args.threads)}
+        shape = (args.batch_size, 3, 224, 224)
         for i, (label, (float_depthwise, preset)) in enumerate(variants.items()):
             graph = quantize(source, Path(tmp) / f"int8-{i}.xml", calibration, float_depthwise, preset)
             for hint in ("f32", "bf16"):
                 runners[f"openvino {label}, {hint} hint"] = OpenVinoModel(graph, hint, args.threads)
-        x = torch.randn(args.batch_size, 3, 224, 224)
+            if i == 0:
+                float_blocks = faster_in_float(source, graph, shape, args.threads)
+                print(f"blocks faster in bf16 than in INT8: {', '.join(sorted(float_blocks)) or 'none'}")
+                graph = quantize(source, Path(tmp) / "int8-chosen.xml", calibration, False, preset, float_blocks)
+                runners["openvino int8 where faster, bf16 hint"] = OpenVinoModel(graph, "bf16", args.threads)
+        x = torch.randn(shape)
         times = measure(runners, x, warmup=3, repeats=args.rounds)
     base = statistics.median(times["onnxruntime fp32"])
     print(f"{args.model} batch {args.batch_size}, {args.rounds} interleaved rounds: images/s (x onnxruntime fp32)")
