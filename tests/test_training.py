@@ -26,7 +26,7 @@ from mixnet.factory import load_model
 from mixnet.training.distributed import setup_runtime
 from mixnet.training.loop import NonFiniteLoss, Trainer
 from mixnet.training.run_dir import BEST, LAST, load_checkpoint
-from mixnet.training.sampling import mix_seed
+from mixnet.training.sampling import mix_seed, progressive_size
 from serve_process import free_port
 
 TINY_MODEL = dict(width_multiplier=0.25, head_channels=64)
@@ -263,6 +263,37 @@ def test_the_trainer_uses_the_held_schedule_and_beta2_it_is_given(data, tmp_path
                       setup_runtime("cpu", 1))
     assert trainer.schedule(2.0) == trainer.lr > trainer.schedule(3.0)  # held to t=2, then down
     assert all(group["betas"] == (0.9, 0.99) for group in trainer.optimizer.param_groups)
+
+
+def test_progressive_resizing_starts_small_grows_through_the_middle_and_ends_at_the_full_size():
+    for epochs in (4, 5, 20, 200):
+        sizes = [progressive_size(e, epochs, 96, 128) for e in range(epochs)]
+        quarter = epochs // 4
+        assert sizes[:quarter] == [96] * quarter and sizes[epochs - quarter:] == [128] * quarter, sizes
+        assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes), sizes
+        if epochs >= 20:
+            assert len(set(sizes)) == 5, sizes  # 96, 104, ..., 128: the middle half passes every step
+    assert [progressive_size(e, 5, None, 128) for e in range(5)] == [128] * 5
+
+
+def test_a_progressive_run_feeds_the_network_the_scheduled_sizes_and_records_them(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path / "run", epochs=4, train_size=48, min_train_size=32, ema=False),
+                      setup_runtime("cpu", 1))
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append((trainer.epoch, m.training,
+                                                                         tuple(args[0].shape[-2:]))))
+    trainer.run()
+    trained = sorted({(epoch, size) for epoch, training, size in seen if training})
+    assert trained == [(0, (32, 32)), (1, (32, 32)), (2, (48, 48)), (3, (48, 48))]
+    assert {size for _, training, size in seen if not training} == {(32, 32)}  # eval_size, unchanged
+    assert [int(r["train_size"]) for r in read_metrics(tmp_path / "run")] == [32, 32, 48, 48]
+
+
+@pytest.mark.parametrize("size", [8, 64])
+def test_a_progressive_start_outside_16_to_train_size_is_refused(data, tmp_path, size):
+    with pytest.raises(MixNetError, match=rf"^min_train_size must be between 16 and train_size \(48\), got {size}$"):
+        train(tiny_config(data, tmp_path / "run", train_size=48, min_train_size=size))
+    assert not (tmp_path / "run").exists()
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, tmp_path, monkeypatch):

@@ -53,6 +53,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     # Augmentation and resolution.
     train_size: int = 224
+    # Progressive resizing: the first quarter of the run trains at this size, the middle half grows to
+    # train_size, the last quarter trains at train_size (progressive_size). None: train_size throughout.
+    min_train_size: Optional[int] = None
     eval_size: int = 224
     eval_crop_pct: float = 0.875
     scale: Tuple[float, float] = (0.08, 1.0)

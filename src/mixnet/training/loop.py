@@ -36,7 +36,7 @@ from .distributed import (Runtime, all_reduce, any_process, average_buffers, rng
 from .optimizers import LRSchedule, ModelEma, create_optimizer, set_lr
 from .run_dir import (BEST, FINAL, LAST, Best, EpochTotals, TrainState, copy_checkpoint, load_checkpoint,
                       save_checkpoint, write_metrics, write_run_config)
-from .sampling import build_data, discover_classes, mix_seed
+from .sampling import build_data, discover_classes, mix_seed, progressive_size
 
 
 @dataclass
@@ -184,6 +184,8 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         self.data.sampler.set_epoch(self.epoch, self.update * cfg.accum_steps * cfg.batch_size)
+        if cfg.min_train_size is not None and self.update == 0:
+            self.log(f"epoch {self.epoch + 1}: training at {self.train_size()} px (progressive resizing)")
         batches = iter(self.data.train_loader)
         bar = tqdm(total=self.data.updates_per_epoch * self.global_batch, initial=self.update * self.global_batch,
                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True,
@@ -231,10 +233,14 @@ class Trainer:
     def step(self, micro) -> Tuple[float, int]:
         """One optimizer update over the micro-batches ``micro``; returns (loss sum, samples)."""
         cfg, rt = self.config, self.runtime
+        size = self.train_size()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, samples, nonfinite = 0.0, 0, False
         for i, batch in enumerate(micro):
-            images = batch.images.to(rt.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            images = batch.images.to(rt.device, non_blocking=True)
+            if images.shape[-2:] != (size, size):  # progressive resizing: the loader's crops, scaled down
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+            images = images.contiguous(memory_format=self.memory_format)
             targets = batch.targets.to(rt.device, non_blocking=True)
             if self.mixer is not None and float(torch.rand(())) < cfg.mix_prob:
                 images, targets = self.mixer(images, targets)
@@ -264,6 +270,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.global_update)
         return loss_sum, samples
+
+    def train_size(self) -> int:
+        cfg = self.config
+        return progressive_size(self.epoch, cfg.epochs, cfg.min_train_size, cfg.train_size)
 
     def autocast(self):
         if self.config.amp == "none":
@@ -311,11 +321,13 @@ class Trainer:
     def finish_epoch(self) -> Dict[str, Any]:
         """Evaluate (raw and EMA weights), record the epoch's row, save the checkpoints and metrics."""
         cfg, rt = self.config, self.runtime
+        size = self.train_size()
         self.epoch += 1
         self.update = 0
         loss_sum, samples, bad = all_reduce([self.totals.loss_sum, self.totals.samples, self.totals.bad_images], rt)
         row: Dict[str, Any] = dict(
-            epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"], train_loss=loss_sum / max(samples, 1.0),
+            epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"], train_size=size,
+            train_loss=loss_sum / max(samples, 1.0),
             train_images_per_s=samples / max(self.totals.train_seconds, 1e-9), bad_images=bad)
         eval_started = time.monotonic()
         improved = False
@@ -405,6 +417,9 @@ def check_config(config: TrainConfig, runtime: Runtime) -> None:
     for name in ("sched_hold", "opt_beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise MixNetError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.min_train_size is not None and not 16 <= config.min_train_size <= config.train_size:
+        raise MixNetError(f"min_train_size must be between 16 and train_size ({config.train_size}), "
+                          f"got {config.min_train_size}")
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -30,8 +30,8 @@ CHECKPOINT_VERSION = 1
 RUN_FORMAT = "mixnet-train-run"
 LAST, BEST, FINAL = "last.pth", "best.pth", "final"
 RUN_CONFIG, METRICS, CURVES = "config.json", "metrics.csv", "curves.png"
-METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_images_per_s", "val_loss", "val_top1", "val_top5",
-                   "ema_val_loss", "ema_val_top1", "ema_val_top5", "bad_images", "epoch_time_s",
+METRICS_COLUMNS = ("epoch", "lr", "train_size", "train_loss", "train_images_per_s", "val_loss", "val_top1",
+                   "val_top5", "ema_val_loss", "ema_val_top1", "ema_val_top5", "bad_images", "epoch_time_s",
                    "total_time_s")
 
 

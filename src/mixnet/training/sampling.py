@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Mapping, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
@@ -76,6 +76,20 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
+
+
+def progressive_size(epoch: int, epochs: int, start: Optional[int], final: int) -> int:
+    """The training image size of ``epoch`` (0-based) under progressive resizing from ``start`` to
+    ``final`` px: ``start`` for the first quarter of the run, then growing linearly over the middle half,
+    ``final`` for the last quarter (in steps of 8 px, so that few shapes occur). Low-resolution epochs
+    cost fewer pixels, and a full-size end leaves the network matched to the evaluation size.
+    """
+    if start is None or start >= final:
+        return final
+    t = min(max(((epoch + 0.5) / epochs - 0.25) / 0.5, 0.0), 1.0)
+    if t >= 1.0:
+        return final
+    return max(start, min(final, 8 * round((start + (final - start) * t) / 8)))
 
 
 def split_dirs(config: TrainConfig) -> Tuple[Path, Path]:
