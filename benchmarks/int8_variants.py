@@ -2,13 +2,14 @@
 
 OpenVINO's CPU plugin runs depthwise convs in f32 even in an INT8 graph, and the FakeQuantize nodes
 around them become separate elementwise passes. This script quantizes the merged graph as
-`mixnet quantize --backend openvino` does (NNCF, MIXED preset, full bias correction) and two variants:
+`mixnet quantize --backend openvino` does (NNCF, MIXED preset, full bias correction) and three variants:
 depthwise convs left out of quantization (NNCF ``ignored_scope``), with MIXED (asymmetric activations)
 or PERFORMANCE (symmetric) presets; and INT8 only in the blocks where the shipped INT8 graph ran faster
 than the float graph under the bf16 hint (OpenVINO's per-node times summed per block, as in
 mixconv_merge_choice.py), every other block float. Each INT8 graph runs with OpenVINO's f32 and bf16
-precision hints (the hint sets the precision of the float parts). All are timed side by side with our fp32 onnxruntime
-path and OpenVINO bf16, interleaved in one process. Speed only: random weights, random calibration images.
+precision hints (the hint sets the precision of the float parts). All are timed side by side with our
+fp32 onnxruntime path and OpenVINO bf16, interleaved in one process. Speed only: random weights,
+random calibration images.
 
     python benchmarks/int8_variants.py --model mixnet_s --batch-size 1 --rounds 30
 """
@@ -31,7 +32,8 @@ from mixnet import create_model
 from mixnet.deploy.benchmark import calibration_arrays, measure, randomize_batchnorm
 from mixnet.deploy.export import OnnxRuntimeModel, export_model
 from mixnet.deploy.runtimes import OpenVinoModel
-from mixconv_merge_choice import block_of_node, name_nodes_by_block  # benchmarks/, beside this script
+# benchmarks/, beside this script
+from mixconv_merge_choice import block_of_node, block_order, name_nodes_by_block
 from openvino_layer_times import layer_times
 
 
@@ -51,7 +53,7 @@ def faster_in_float(source: Path, int8: Path, shape, threads: int, calls: int = 
     bf16 hint (per-node times summed per block; nodes are named after their block)."""
     float_ms = layer_times(source, "bf16", shape, threads, calls, key=block_of_node)
     int8_ms = layer_times(int8, "bf16", shape, threads, calls, key=block_of_node)
-    for block in sorted(float_ms, key=lambda b: [int(t) if t.isdigit() else t for t in b.split(".")]):
+    for block in sorted(float_ms, key=block_order):
         print(f"| {block} | bf16 {float_ms[block]:.3f} ms | int8 {int8_ms.get(block, 0.0):.3f} ms |",
               file=sys.stderr)
     return [b for b in float_ms if b != "other" and float_ms[b] <= int8_ms.get(b, float("inf"))]

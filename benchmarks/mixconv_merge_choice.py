@@ -69,6 +69,11 @@ def block_of_node(p) -> str:
     return found.group(1) if found else "other"
 
 
+def block_order(block: str) -> list:
+    """Sort key: 'blocks.2.10' after 'blocks.2.9'."""
+    return [int(t) if t.isdigit() else t for t in block.split(".")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mixnet_s")
@@ -97,7 +102,7 @@ def main() -> None:
                   f"{args.calls} profiled calls (blocks with a MixConv)")
             print("| block | MixConvs | merged | split | faster |\n|---|---|---:|---:|---|")
             split_blocks = []
-            for block in sorted(merged, key=lambda b: [int(t) if t.isdigit() else t for t in b.split(".")]):
+            for block in sorted(merged, key=block_order):
                 mixconvs = [n[len(block) + 1:] for n in all_mixconvs if n.startswith(block + ".")]
                 if not mixconvs:
                     continue
