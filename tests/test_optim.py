@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mixnet.training.optimizers import LRSchedule, ModelEma, RMSpropTF, create_optimizer, parameter_groups
+from mixnet.training.optimizers import (LRSchedule, ModelEma, RMSpropTF, create_optimizer, muon_groups, orthogonalize,
+                                       parameter_groups)
 
 
 def _rmsprop_tf_reference(param, grads, lr, alpha, eps, momentum, weight_decay):
@@ -131,6 +132,53 @@ def test_weight_decay_spares_biases_and_norms():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {p.ndim for p in decay["params"]} == {2, 4}
     assert len(no_decay["params"]) == 4  # conv bias, bn weight and bias, linear bias
+
+
+@pytest.mark.parametrize("shape", [(48, 12), (12, 48)])
+def test_orthogonalize_keeps_the_singular_vectors_and_brings_every_singular_value_near_one(shape):
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+    spread = torch.logspace(-1, 1, min(shape))  # singular values from 0.1 to 10
+    result = orthogonalize((u * spread) @ v.T)
+    values = torch.linalg.svdvals(result)
+    assert values.min() > 0.6 and values.max() < 1.25
+    # u^T result v is diagonal: the update keeps the gradient's directions and equalises their sizes
+    inner = u.T @ result @ v
+    assert (inner - torch.diag(torch.diagonal(inner))).abs().max() < 1e-4
+
+
+def test_muon_moves_dense_convs_by_orthogonalised_nesterov_momentum_and_the_rest_as_adamw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, groups=16),
+                          nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16, 2))
+    muon, other, vectors = muon_groups(model, 0.05)
+    assert [p.shape for p in muon["params"]] == [(16, 8, 1, 1)]  # not the stem, depthwise or classifier
+    assert muon["muon"] and vectors["weight_decay"] == 0.0 and len(vectors["params"]) == 6
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = create_optimizer("muon", model, lr=0.01, weight_decay=0.05, beta2=0.99)
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(2)]
+    k = [id(p) for p in model.parameters()].index(id(model[1].weight))
+    w = model[1].weight.detach().clone()
+    buf = torch.zeros_like(w)
+    for step in grads:
+        for p, g in zip(model.parameters(), step):
+            p.grad = g.clone()
+        opt.step()
+        g = step[k]
+        buf = 0.95 * buf + 0.05 * g
+        nesterov = 0.05 * g + 0.95 * buf
+        w = w * (1 - 0.01 * 0.05) - 0.01 * 0.2 * math.sqrt(16) * orthogonalize(nesterov.flatten(1)).view_as(w)
+    assert torch.allclose(model[1].weight, w, atol=1e-6)
+    for i, p in enumerate(model.parameters()):
+        if i == k:
+            continue
+        q = nn.Parameter(reference[i].clone())
+        ref = torch.optim.AdamW([q], lr=0.01, betas=(0.9, 0.99), weight_decay=0.05 if p.ndim > 1 else 0.0)
+        for step in grads:
+            q.grad = step[i].clone()
+            ref.step()
+        assert torch.allclose(p, q, atol=1e-6), i
 
 
 def test_ema_is_an_exponential_average_of_weights_and_buffers():

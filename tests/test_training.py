@@ -89,6 +89,17 @@ def test_a_few_epochs_learn_well_above_chance_and_write_the_run_directory(data, 
     assert state.epoch == 5 and set(state.to_dict()) >= {"state_dict", "state_dict_ema", "optimizer", "rng", "config"}
 
 
+def test_muon_learns_well_above_chance_as_adamw_does(data, tmp_path):
+    rows = {}
+    for opt in ("adamw", "muon"):
+        train(tiny_config(data, tmp_path / opt, epochs=4, batch_size=12, opt=opt, lr=3e-3, ema=False))
+        rows[opt] = read_metrics(tmp_path / opt)
+    for opt, history in rows.items():
+        assert float(history[-1]["val_top1"]) >= 70.0, (opt, history)  # chance is 33 %
+    # both moved the weights and took different paths: Muon's updates are not AdamW's
+    assert rows["muon"][0]["train_loss"] != rows["adamw"][0]["train_loss"]
+
+
 def _run_until_killed(config_args, run: Path, kill_when) -> None:
     """Start `mixnet train` in a subprocess and SIGKILL it once ``kill_when(checkpoint)`` holds."""
     proc = subprocess.Popen([sys.executable, "-m", "mixnet", "train", *config_args],
@@ -131,7 +142,8 @@ SETTINGS = dict(epochs=3, batch_size=6, train_size=32, eval_size=32, workers=0, 
 @pytest.mark.parametrize("where,path", [pytest.param("mid-epoch", {}, id="mid-epoch"),
                                         pytest.param("end-of-epoch", {}, id="end-of-epoch"),
                                         pytest.param("mid-epoch", {"amp": "bf16"}, marks=needs_bf16, id="bf16"),
-                                        pytest.param("mid-epoch", {"compile": True}, id="compiled")])
+                                        pytest.param("mid-epoch", {"compile": True}, id="compiled"),
+                                        pytest.param("mid-epoch", {"opt": "muon"}, id="muon")])
 def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where, path):
     reference = tmp_path / "reference"
     settings = dict(SETTINGS, **path)
@@ -498,8 +510,12 @@ def test_small_data_settings_follow_the_run_length_unless_given():
         (2, 0.03, (0.35, 1.0), 0.0, 0.999)
     assert 0.016 < middle.lr_base < 0.03 and middle.warmup_epochs == pytest.approx(1.2)
     assert 0.35 < middle.scale[0] < 0.6 and 0 < middle.sched_hold < 0.5 and 0.99 < middle.opt_beta2 < 0.999
-    given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0, scale=(0.08, 1.0))
-    assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold) == (0.02, 0, (0.08, 1.0), 0.5)
+    assert (short.opt, middle.opt, TrainConfig.from_recipe("small-data", epochs=29).opt, long.opt) == \
+        ("muon", "muon", "muon", "adamw")
+    given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0, scale=(0.08, 1.0),
+                                    opt="adamw")
+    assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold, given.opt) == \
+        (0.02, 0, (0.08, 1.0), 0.5, "adamw")
     assert TrainConfig.from_recipe("small-data").lr_base == 0.03  # the recipe's own length: 50 epochs
 
 

@@ -79,7 +79,62 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
-OPTIMIZERS = ("sgd", "adamw", "rmsproptf")
+def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
+    """The nearest semi-orthogonal matrix to ``g``, roughly (Muon's quintic Newton-Schulz iteration, whose
+    coefficients push every singular value into about [0.7, 1.2] in 5 steps rather than exactly to 1)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / g.norm().clamp(min=1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """Muon (Jordan et al. 2024) for the weight matrices of dense convolutions, AdamW for the rest.
+
+    Parameter groups with ``muon=True`` take Nesterov momentum, orthogonalised by ``orthogonalize`` (a
+    conv weight flattened to out x in*k*k) and scaled to AdamW's update size (0.2 sqrt(max(out, in*k*k)),
+    Moonshot's rule), so both kinds of group share one learning rate and schedule; weight decay is
+    decoupled as in AdamW. Their gradients are consumed (set to None), so that AdamW's own step, which
+    does the other groups, skips them. ``torch.optim.Muon`` takes 2-d parameters only, hence this class.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 muon_momentum: float = 0.95):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        for group in self.param_groups:
+            group.setdefault("muon", False)
+            group.setdefault("muon_momentum", muon_momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
+        for group in self.param_groups:
+            if not group["muon"]:
+                continue
+            lr, momentum = group["lr"], group["muon_momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # "step" too, which AdamW's load_state_dict expects of every state
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] += 1
+                buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+                update = orthogonalize(p.grad.lerp(buf, momentum).flatten(1))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
+                p.grad = None
+        return super().step()
+
+
+OPTIMIZERS = ("sgd", "adamw", "rmsproptf", "muon")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -91,6 +146,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def muon_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """``parameter_groups`` with the dense convolutions after the stem (groups=1, more than 3 input
+    channels) in a group of their own for Muon; the stem, depthwise convs, classifier, biases and
+    BatchNorm stay with AdamW (as Muon's authors keep first and last layers and vectors on Adam)."""
+    decay, no_decay = parameter_groups(model, weight_decay)
+    dense = {id(m.weight) for m in model.modules()
+             if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels > 3}
+    return [dict(decay, params=[p for p in decay["params"] if id(p) in dense], muon=True),
+            dict(decay, params=[p for p in decay["params"] if id(p) not in dense]), no_decay]
+
+
 def create_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
                      eps: float = 1e-8, nesterov: bool = True, beta2: float = 0.999) -> torch.optim.Optimizer:
     groups = parameter_groups(model, weight_decay)
@@ -100,6 +166,8 @@ def create_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float
         return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.9, beta2))
     if name == "rmsproptf":
         return RMSpropTF(groups, lr=lr, eps=eps, momentum=momentum)
+    if name == "muon":
+        return MuonAdamW(muon_groups(model, weight_decay), lr=lr, eps=eps, betas=(0.9, beta2))
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
 
 
