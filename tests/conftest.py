@@ -6,6 +6,7 @@
   or failing it when ``MIXNET_REQUIRE_DATA=1`` (CI sets it: there, a skip would hide a broken test).
 - Heavy subprocess tests (torchrun, SIGKILL, whole validation runs) carry ``HEAVY``, one xdist group, so
   ``--dist loadgroup`` runs them one after another in one worker instead of side by side on 2 cores.
+- Tests that torch.compile run ``ALONE`` with a longer limit (``COMPILES_TIMEOUT``): cold compiles are slow.
 - Global torch state (deterministic algorithms, threads, RNGs: torch, numpy, random) is restored after
   every test.
 """
@@ -35,6 +36,10 @@ HEAVY = pytest.mark.xdist_group("heavy")
 # Run by a second pytest process of their own (`-m alone`, no xdist; the main run leaves them out): the
 # two-process download test took its xdist worker down in the full suite, though never when run alone.
 ALONE = pytest.mark.alone
+# Tests that torch.compile a model: with a cold kernel cache (a fresh CI machine) inductor builds hundreds
+# of C++ kernels, and one compiled training step took over 600 s beside the other xdist worker. They run
+# ALONE, so inductor's compile workers have both cores, under this limit instead of pytest's 600 s.
+COMPILES_TIMEOUT = pytest.mark.timeout(1800)
 
 
 # bf16 paths refuse CPUs without native bf16 (tested with a faked CPU); the real ones need it.

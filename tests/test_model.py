@@ -8,7 +8,7 @@ import timm
 import torch
 
 import mixnet
-from conftest import randomized
+from conftest import ALONE, COMPILES_TIMEOUT, randomized
 from mixnet.deploy.benchmark import randomize_batchnorm as randomize
 from mixnet.models.network import MIN_INPUT_SIZE
 
@@ -173,8 +173,10 @@ def test_smallest_input_runs_in_every_form(name):
         assert (torch.export.export(model, (x,)).module()(x) - expected).abs().max() <= 1e-5
 
 
-# One variant: compiling costs about a minute on 2 cores. tf_mixnet_s has the per-size "SAME" padding,
+# One variant: compiling costs a minute or more on 2 cores. tf_mixnet_s has the per-size "SAME" padding,
 # the harder graph; test_optimize.py compiles mixnet_s's inference form.
+@ALONE
+@COMPILES_TIMEOUT
 @pytest.mark.parametrize("name", ["tf_mixnet_s"])
 def test_torch_compile_agrees_with_eager(name):
     model = randomized(name)

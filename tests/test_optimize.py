@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomized
+from conftest import ALONE, COMPILES_TIMEOUT, randomized
 from mixnet import list_models
 from mixnet.deploy.benchmark import randomize_batchnorm
 from mixnet.models.layers import Conv2dSame, MixedConv2d
@@ -112,6 +112,8 @@ def test_feature_pyramid_model_is_optimized_too():
         torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE)
 
 
+@ALONE
+@COMPILES_TIMEOUT
 @torch.no_grad()
 def test_optimized_model_compiles_and_matches_eval_model():
     # One variant, one size: compiling costs about a minute on 2 cores; tf_mixnet_s's eager compile is

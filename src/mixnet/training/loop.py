@@ -91,7 +91,16 @@ class Trainer:
         self.ddp = (nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None) if rt.distributed else model)
         # What a training step calls; evaluation, EMA and checkpoints use the uncompiled model.
-        self.train_forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.train_forward = self.ddp
+        if cfg.compile:
+            # Static shapes: a shape change (progressive resizing, an earlier compile of the same forward in
+            # this process) would otherwise switch dynamo to dynamic-shape kernels, whose other rounding
+            # makes a resumed run differ from the uninterrupted one. So each training size compiles once,
+            # and dynamo must keep a graph for every size rather than fall back to eager after 8.
+            sizes = {progressive_size(e, cfg.epochs, cfg.min_train_size, cfg.train_size) for e in range(cfg.epochs)}
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, len(sizes) + 1)
+            self.train_forward = torch.compile(self.ddp, dynamic=False)
         self.mixer = build_mixer(cfg, len(self.class_names))
 
         # Where training stands: what a checkpoint saves besides the tensors (see TrainState).
