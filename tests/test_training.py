@@ -222,6 +222,16 @@ def test_a_compiled_training_step_gives_the_eager_loss_and_update(data, tmp_path
     assert (compiled_update - update).abs().max() <= 1e-2 * update.abs().max()  # 0.3% measured
 
 
+def test_a_compiled_trainer_leaves_dynamo_room_for_a_graph_per_progressive_size(data, tmp_path, monkeypatch):
+    """--compile keeps static shapes (one graph per training size, so a resumed run gets the uninterrupted
+    run's kernels); dynamo falls back to eager after ``recompile_limit`` graphs, 8 by default."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    config = tiny_config(data, tmp_path, compile=True, epochs=40, train_size=128, min_train_size=16)
+    Trainer(config, setup_runtime("cpu", 1))
+    sizes = {progressive_size(e, 40, 16, 128) for e in range(40)}
+    assert len(sizes) > 8 and torch._dynamo.config.recompile_limit > len(sizes)
+
+
 # The keys of a checkpoint as mixnet 0.1's trainer wrote them (before TrainState).
 V1_CHECKPOINT_KEYS = {"format", "version", "architecture", "config", "class_names", "epoch", "update",
                       "global_update", "state_dict", "state_dict_ema", "optimizer", "scaler", "scheduler",

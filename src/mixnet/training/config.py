@@ -165,10 +165,11 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
     From ``LONG_RUN`` epochs on they are the recipe's own (the built-in model's first stage). A short run
     cannot afford 2 epochs of warm-up; it learns most with its peak learning rate held for longer, with
     AdamW's second moment averaged over fewer steps, and from milder crops (it underfits: every image is
-    seen a few times only); its lr_base, 0.024, is a little below the recipe's. Side by side on Imagenette over 5 epochs, each of these changes gained
-    points. So warm-up takes a tenth of the run (at most 2 epochs), and lr_base, the smallest crop
-    area, the held fraction of the schedule and AdamW's beta2 go from their 5-epoch values to the
-    recipe's at 30 epochs in proportion to log(epochs) (lr_base, crop area and 1 - beta2 geometrically).
+    seen a few times only); its lr_base, 0.024, is a little below the recipe's. Side by side on
+    Imagenette over 5 epochs, each of these changes gained points. So warm-up takes a tenth of the run
+    (at most 2 epochs), and lr_base, the smallest crop area, the held fraction of the schedule and AdamW's
+    beta2 go from their 5-epoch values to the recipe's at 30 epochs in proportion to log(epochs) (lr_base,
+    crop area and 1 - beta2 geometrically).
     Runs shorter than ``LONG_RUN`` train the dense convolutions with Muon (it learnt more per step at 5
     and 20 epochs); longer ones keep the recipe's AdamW, with which the built-in model was trained.
     """
