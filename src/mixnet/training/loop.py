@@ -96,7 +96,8 @@ class Trainer:
             # Static shapes: a shape change (progressive resizing, an earlier compile of the same forward in
             # this process) would otherwise switch dynamo to dynamic-shape kernels, whose other rounding
             # makes a resumed run differ from the uninterrupted one. So each training size compiles once,
-            # and dynamo must keep a graph for every size rather than fall back to eager after 8.
+            # and dynamo must keep a graph for every size rather than fall back to eager after 8 (one more
+            # for a graph this process may already hold for the same forward).
             sizes = {progressive_size(e, cfg.epochs, cfg.min_train_size, cfg.train_size) for e in range(cfg.epochs)}
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, len(sizes) + 1)
