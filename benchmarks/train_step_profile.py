@@ -90,7 +90,7 @@ def main() -> None:
     step = {name: sum(rows.values()) for name, rows in median.items()}
     print(f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads: ms per step "
           f"(self CPU time, median of {args.rounds} profiles of {args.steps} steps)")
-    print(f"| op kind | mixnet ms | share | timm ms | share |\n|---|---:|---:|---:|---:|")
+    print("| op kind | mixnet ms | share | timm ms | share |\n|---|---:|---:|---:|---:|")
     for row in sorted(median["mixnet"], key=lambda r: -median["mixnet"][r]):
         cells = [f"{median[n].get(row, 0.0):.1f} | {100 * median[n].get(row, 0.0) / step[n]:.0f}%" for n in models]
         print(f"| {row} | {' | '.join(cells)} |")

@@ -10,6 +10,9 @@ import torch
 import mixnet
 from conftest import ALONE, COMPILES_TIMEOUT, randomized
 from mixnet.deploy.benchmark import randomize_batchnorm as randomize
+from mixnet.models.blocks import InvertedResidual
+from mixnet.models.fusion import fuse_model
+from mixnet.models.layers import MixedConv2d
 from mixnet.models.network import MIN_INPUT_SIZE
 
 ALL = mixnet.list_models()
@@ -61,26 +64,50 @@ def test_eval_logits_match_timm(name):
         assert (a - b).abs().max().item() <= 1e-5, shape
 
 
+def assert_training_steps_match(ours, ref, x, target, steps=1):
+    """Outputs, gradients and batch-norm buffers of ``steps`` forward/backward passes agree to 1e-9 (relative
+    where above 1), in float64. (In float32 they agree to rounding, about 1e-5 relative: our blocks train
+    piece by piece, adding the project conv's shares in another order.)"""
+    ours, ref, x = ours.double(), ref.double(), x.double()
+    for _ in range(steps):
+        outputs = []
+        for model in (ours, ref):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            torch.nn.functional.cross_entropy(out, target).backward()
+            outputs.append(out.detach())
+        assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-9 * max(1.0, outputs[1].abs().max().item())
+    ref_params = dict(ref.named_parameters())
+    for key, p in ours.named_parameters():
+        ref_grad = ref_params[key].grad
+        assert (p.grad - ref_grad).abs().max().item() <= 1e-9 * max(1.0, ref_grad.abs().max().item()), key
+    ref_buffers = dict(ref.named_buffers())
+    for key, b in ours.named_buffers():
+        assert torch.allclose(b.double(), ref_buffers[key].double(), rtol=0, atol=1e-9), key
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
     ours, ref = pair(name, num_classes=10)
     ours.train(), ref.train()
     torch.manual_seed(2)
-    x = torch.randn(3, 3, 67, 75)
-    target = torch.tensor([1, 5, 9])
-    outputs = []
-    for model in (ours, ref):
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, target).backward()
-        outputs.append(out.detach())
-    assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-5
-    ref_params = dict(ref.named_parameters())
-    for key, p in ours.named_parameters():
-        ref_grad = ref_params[key].grad
-        assert (p.grad - ref_grad).abs().max().item() <= 1e-5, key  # the README's tolerance, absolute
-    ref_buffers = dict(ref.named_buffers())
-    for key, b in ours.named_buffers():
-        assert torch.allclose(b.float(), ref_buffers[key].float(), atol=1e-6), key
+    assert_training_steps_match(ours, ref, torch.randn(3, 3, 67, 75), torch.tensor([1, 5, 9]))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_mixconv_blocks_train_group_by_group_with_timms_outputs_gradients_and_bn_updates(memory_format):
+    ours, ref = pair("mixnet_s", num_classes=10, drop_rate=0.0)
+    ours, ref = ours.to(memory_format=memory_format).train(), ref.to(memory_format=memory_format).train()
+    blocks = [m for m in ours.modules() if isinstance(m, InvertedResidual)]
+    # 13 blocks have a MixConv, and 2 a single depthwise conv between grouped expand and project convs.
+    assert sum(isinstance(b.conv_dw, MixedConv2d) for b in blocks) == 13
+    assert sum(b.runs_by_group() for b in blocks) == 15
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 64, 64).to(memory_format=memory_format)
+    assert_training_steps_match(ours, ref, x, torch.tensor([0, 3, 6, 9]), steps=2)
+    assert not any(b.runs_by_group() for b in ours.eval().modules() if isinstance(b, InvertedResidual))
+    fused = fuse_model(ours).train()  # batch norms folded: the blocks' plain forward
+    assert not any(b.runs_by_group() for b in fused.modules() if isinstance(b, InvertedResidual))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -18,7 +18,7 @@ from colour_model import COLOURS, write_colour_image
 from conftest import needs_bf16
 from mixnet.cli import main
 from mixnet.deploy import runtimes
-from mixnet.deploy.quantize import (BACKENDS, AgreementTooLow, compare_top1, load_batches, load_quantized,
+from mixnet.deploy.quantize import (BACKENDS, compare_top1, load_batches, load_quantized,
                                     quantize_model, split_photos)
 from mixnet.inference.predict import resolve_model
 

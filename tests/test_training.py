@@ -524,12 +524,15 @@ def test_small_data_settings_follow_the_run_length_unless_given():
         (2, 0.03, (0.35, 1.0), 0.0, 0.999)
     assert 0.024 < middle.lr_base < 0.03 and middle.warmup_epochs == pytest.approx(1.2)
     assert 0.35 < middle.scale[0] < 0.6 and 0 < middle.sched_hold < 0.5 and 0.99 < middle.opt_beta2 < 0.999
+    # no dropout or drop-path at 5 epochs, the recipe's from 30 on
+    assert (short.drop_rate, short.drop_path_rate, long.drop_rate, long.drop_path_rate) == (0, 0, 0.2, 0.05)
+    assert 0 < middle.drop_rate < 0.2 and 0 < middle.drop_path_rate < 0.05
     assert (short.opt, middle.opt, TrainConfig.from_recipe("small-data", epochs=29).opt, long.opt) == \
         ("muon", "muon", "muon", "adamw")
     given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0, scale=(0.08, 1.0),
-                                    opt="adamw")
-    assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold, given.opt) == \
-        (0.02, 0, (0.08, 1.0), 0.5, "adamw")
+                                    opt="adamw", drop_rate=0.3)
+    assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold, given.opt, given.drop_rate) == \
+        (0.02, 0, (0.08, 1.0), 0.5, "adamw", 0.3)
     assert TrainConfig.from_recipe("small-data").lr_base == 0.03  # the recipe's own length: 50 epochs
 
 

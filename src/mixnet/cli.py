@@ -186,9 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise MixNetError("--recipe cannot change a run being resumed; give single settings instead")
-        result = resume(args.resume, **overrides)
+        resume(args.resume, **overrides)
     else:
-        result = train(TrainConfig.from_recipe(args.recipe, **overrides))
+        train(TrainConfig.from_recipe(args.recipe, **overrides))
     return 0  # a stop at --max-minutes is requested, and checkpointed: resume continues it
 
 

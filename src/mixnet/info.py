@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -143,7 +142,7 @@ def format_card(card: dict) -> str:
     ]
     if card["pretrained"]:
         width = max(len(w["tag"]) for w in card["pretrained"])
-        lines.append(f"  pretrained weights:")
+        lines.append("  pretrained weights:")
         lines.append(f"    {'tag':<{width}}  {'top-1':>6}  {'top-5':>6}  {'size':>9}")
         for w in card["pretrained"]:
             top1 = "-" if w["top1"] is None else f"{w['top1']:.2f}"

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import itertools
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-from .layers import SqueezeExcite, mixed_conv2d
+from .layers import SqueezeExcite, batch_norm_channels, conv_parts, depthwise_with, mixed_conv2d
 
 
 def drop_path(rate: float) -> nn.Module:
     """Stochastic depth on the residual branch (per sample); nothing at all when the rate is 0."""
     return StochasticDepth(rate, "row") if rate > 0 else nn.Identity()
+
+
+def common_pieces(*splits: Sequence[int]) -> List[Tuple[int, int]]:
+    """The channel ranges (start, end) cut at every boundary of each split (channel counts of its parts)."""
+    cuts = sorted({0}.union(*(itertools.accumulate(sizes) for sizes in splits)))
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def part_index(ranges: Sequence[Tuple[int, int]], sizes: Sequence[int]) -> List[int]:
+    """For each range, the index of the part of the split ``sizes`` that holds it."""
+    ends = list(itertools.accumulate(sizes))
+    return [next(i for i, part_end in enumerate(ends) if end <= part_end) for _, end in ranges]
+
+
+def split_by_piece(weights: Sequence[Tensor], part_of_piece: Sequence[int], sizes: Sequence[int],
+                   dim: int) -> List[Tensor]:
+    """Each piece's share of its part's weight, along ``dim``: one split per part, so backward gathers each
+    part's gradient in one concatenation (slices would each allocate a whole zero gradient)."""
+    return [w for i, weight in enumerate(weights)
+            for w in weight.split([n for n, part in zip(sizes, part_of_piece) if part == i], dim)]
 
 
 class DepthwiseSeparable(nn.Module):
@@ -72,16 +95,73 @@ class InvertedResidual(nn.Module):
                                      tf_padding=tf_padding)
         self.bn3 = norm_layer(out_channels)
         self.drop_path = drop_path(drop_path_rate)
+        # forward_by_group's pieces of the expanded channels: cut wherever the expand convs, the depthwise
+        # convs or the project convs split them, so each piece lies in one part of each. None: no split.
+        splits = [[c.out_channels for c in conv_parts(self.conv_pw)],
+                  [c.out_channels for c in conv_parts(self.conv_dw)],
+                  [c.in_channels for c in conv_parts(self.conv_pwl)]]
+        self.pieces = common_pieces(*splits)
+        self.piece_parts = list(zip(*(part_index(self.pieces, sizes) for sizes in splits)))
+        if len(self.pieces) == 1:
+            self.pieces = None
 
     def zero_init_last(self) -> None:
         """Start the residual branch at zero, so the block begins as the identity."""
         nn.init.zeros_(self.bn3.weight)
 
+    def runs_by_group(self) -> bool:
+        """Whether ``forward`` runs ``forward_by_group``: in training, in a block whose channels are split
+        somewhere, with plain batch norms (not folded, not synchronised)."""
+        return (self.training and self.pieces is not None
+                and all(type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
+                        for bn in (self.bn1, self.bn2)))
+
+    def forward_by_group(self, x: Tensor) -> Tensor:
+        """The expansion to the projection with each piece of the channels (``self.pieces``) in a tensor of
+        its own.
+
+        The same arithmetic as the layers' own forwards, piece by piece: the expand conv computes a piece
+        from its rows of the weight, the depthwise conv (per channel) from its filters, and the project
+        conv sums the pieces' shares (columns). Nothing slices channels out of a channels_last tensor (a
+        copy) before the depthwise convs or concatenates after them, nor copies their gradients back: a
+        training step at 224 px ran x1.32 (mixnet_s) and x1.78 (mixnet_l) timm's (benchmarks/RESULTS.md).
+        The batch norms update their running statistics through views, once each per batch.
+        """
+        expand, depthwise, project = (conv_parts(c) for c in (self.conv_pw, self.conv_dw, self.conv_pwl))
+        expand_of, depthwise_of, project_of = zip(*self.piece_parts)
+        sizes = [end - start for start, end in self.pieces]
+        expand_w = split_by_piece([c.weight for c in expand], expand_of, sizes, 0)
+        depthwise_w = split_by_piece([c.weight for c in depthwise], depthwise_of, sizes, 0)
+        project_w = split_by_piece([c.weight for c in project], project_of, sizes, 1)
+        inputs = torch.split(x, [c.in_channels for c in expand], 1) if len(expand) > 1 else (x,)
+        pieces = []
+        for i, (start, end) in enumerate(self.pieces):
+            y = F.conv2d(inputs[expand_of[i]], expand_w[i])
+            y = self.act1(batch_norm_channels(self.bn1, y, start, end))
+            y = depthwise_with(depthwise[depthwise_of[i]], depthwise_w[i], y)
+            pieces.append(self.act2(batch_norm_channels(self.bn2, y, start, end)))
+        for bn in (self.bn1, self.bn2):
+            if bn.training:
+                bn.num_batches_tracked.add_(1)
+        if isinstance(self.se, SqueezeExcite):
+            pieces = self.se.forward_groups(pieces)
+        outputs: List[Optional[Tensor]] = [None] * len(project)
+        for y, w, p in zip(pieces, project_w, project_of):
+            share = F.conv2d(y, w)
+            outputs[p] = share if outputs[p] is None else outputs[p] + share
+        return torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
+
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv_pw(x)))
-        x = self.act2(self.bn2(self.conv_dw(x)))
-        x = self.bn3(self.conv_pwl(self.se(x)))
+        projected: Optional[Tensor] = None
+        if not torch.jit.is_scripting():  # (TorchScript compiles only the layers' own forwards)
+            if self.runs_by_group():
+                projected = self.forward_by_group(x)
+        if projected is None:
+            x = self.act1(self.bn1(self.conv_pw(x)))
+            x = self.act2(self.bn2(self.conv_dw(x)))
+            projected = self.conv_pwl(self.se(x))
+        x = self.bn3(projected)
         if self.has_skip:
             x = self.drop_path(x) + shortcut
         return x

@@ -113,6 +113,26 @@ class MixedConv2d(nn.ModuleList):
         return torch.cat(outputs, 1)
 
 
+def conv_parts(conv: nn.Module) -> List[nn.Module]:
+    """The convolutions of a MixedConv2d, or ``[conv]`` for a single one."""
+    return list(conv) if isinstance(conv, MixedConv2d) else [conv]
+
+
+def depthwise_with(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
+    """The depthwise ``conv`` on some of its channels (``x``), given their rows of its weight (no bias)."""
+    padding = conv.padding
+    if isinstance(conv, Conv2dSame):
+        x, padding = pad_same(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0]), 0
+    return F.conv2d(x, weight, None, conv.stride, padding, conv.dilation, weight.shape[0])
+
+
+def batch_norm_channels(bn: nn.BatchNorm2d, x: Tensor, start: int, end: int) -> Tensor:
+    """``bn`` on channels start:end of its input, given only those (``x``). Its running statistics are
+    updated in place through views; the caller counts the batch in ``bn.num_batches_tracked`` once."""
+    return F.batch_norm(x, bn.running_mean[start:end], bn.running_var[start:end], bn.weight[start:end],
+                        bn.bias[start:end], bn.training, bn.momentum, bn.eps)
+
+
 def mixed_conv2d(in_channels: int, out_channels: int, kernel_sizes: Sequence[int], stride: int = 1,
                  depthwise: bool = False, tf_padding: bool = False) -> nn.Module:
     """A plain conv for a single kernel size, a MixedConv2d for several (the reference layout)."""
@@ -132,10 +152,17 @@ class SqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
         self.gate = nn.Sigmoid()
 
+    def gates(self, pooled: Tensor) -> Tensor:
+        """The channel gates (N, C, 1, 1) for globally pooled features."""
+        return self.gate(self.conv_expand(self.act1(self.conv_reduce(pooled))))
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = x.mean((2, 3), keepdim=True)
-        scale = self.conv_expand(self.act1(self.conv_reduce(scale)))
-        return x * self.gate(scale)
+        return x * self.gates(x.mean((2, 3), keepdim=True))
+
+    def forward_groups(self, groups: Sequence[Tensor]) -> List[Tensor]:
+        """``forward`` of the concatenation of ``groups`` (channel groups, in order), group by group."""
+        gates = self.gates(torch.cat([x.mean((2, 3), keepdim=True) for x in groups], 1))
+        return [x * g for x, g in zip(groups, torch.split(gates, [x.shape[1] for x in groups], 1))]
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU}

@@ -165,11 +165,12 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
     From ``LONG_RUN`` epochs on they are the recipe's own (the built-in model's first stage). A short run
     cannot afford 2 epochs of warm-up; it learns most with its peak learning rate held for longer, with
     AdamW's second moment averaged over fewer steps, and from milder crops (it underfits: every image is
-    seen a few times only); its lr_base, 0.024, is a little below the recipe's. Side by side on
-    Imagenette over 5 epochs, each of these changes gained points. So warm-up takes a tenth of the run
-    (at most 2 epochs), and lr_base, the smallest crop area, the held fraction of the schedule and AdamW's
-    beta2 go from their 5-epoch values to the recipe's at 30 epochs in proportion to log(epochs) (lr_base,
-    crop area and 1 - beta2 geometrically).
+    seen a few times only, and needs no dropout or drop-path); its lr_base, 0.024, is a little below the
+    recipe's. Side by side on Imagenette over 5 epochs, each of these changes gained points. So warm-up
+    takes a tenth of the run (at most 2 epochs), and lr_base, the smallest crop area, the held fraction
+    of the schedule, AdamW's beta2 and the dropout and drop-path rates go from their 5-epoch values to
+    the recipe's at 30 epochs in proportion to log(epochs) (lr_base, crop area and 1 - beta2
+    geometrically, the others linearly, the rates from 0).
     Runs shorter than ``LONG_RUN`` train the dense convolutions with Muon (it learnt more per step at 5
     and 20 epochs); longer ones keep the recipe's AdamW, with which the built-in model was trained.
     """
@@ -184,6 +185,8 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
                 lr_base=round(between(short["lr_base"], recipe["lr_base"]), 6),
                 scale=(round(between(short["min_scale"], recipe["scale"][0]), 3), recipe["scale"][1]),
                 sched_hold=round(short["sched_hold"] * (1 - f), 3),
+                drop_rate=round(recipe["drop_rate"] * f, 3),
+                drop_path_rate=round(recipe["drop_path_rate"] * f, 3),
                 opt_beta2=round(1 - between(1 - short["opt_beta2"], 1 - TrainConfig.opt_beta2), 5))
 
 
