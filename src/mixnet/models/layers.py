@@ -7,6 +7,7 @@ parts as children ``0``, ``1``, ...), so checkpoints interchange with timm uncha
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, List, Sequence
 
 import torch
@@ -162,7 +163,10 @@ class SqueezeExcite(nn.Module):
     def forward_groups(self, groups: Sequence[Tensor]) -> List[Tensor]:
         """``forward`` of the concatenation of ``groups`` (channel groups, in order), group by group."""
         gates = self.gates(torch.cat([x.mean((2, 3), keepdim=True) for x in groups], 1))
-        return [x * g for x, g in zip(groups, torch.split(gates, [x.shape[1] for x in groups], 1))]
+        # Slices, not torch.split: compiled by inductor (torch 2.14), split's backward here gave wrong
+        # input gradients (tests/test_training.py, the compiled training step).
+        ends = itertools.accumulate(x.shape[1] for x in groups)
+        return [x * gates[:, end - x.shape[1]:end] for x, end in zip(groups, ends)]
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU}
