@@ -95,19 +95,19 @@ def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_mixconv_blocks_train_group_by_group_with_timms_outputs_gradients_and_bn_updates(memory_format):
+def test_blocks_train_piece_by_piece_with_timms_outputs_gradients_and_bn_updates(memory_format):
     ours, ref = pair("mixnet_s", num_classes=10, drop_rate=0.0)
     ours, ref = ours.to(memory_format=memory_format).train(), ref.to(memory_format=memory_format).train()
     blocks = [m for m in ours.modules() if isinstance(m, InvertedResidual)]
     # 13 blocks have a MixConv, and 2 a single depthwise conv between grouped expand and project convs.
     assert sum(isinstance(b.conv_dw, MixedConv2d) for b in blocks) == 13
-    assert sum(b.runs_by_group() for b in blocks) == 15
+    assert sum(b.runs_by_piece() for b in blocks) == 15
     torch.manual_seed(3)
     x = torch.randn(4, 3, 64, 64).to(memory_format=memory_format)
     assert_training_steps_match(ours, ref, x, torch.tensor([0, 3, 6, 9]), steps=2)
-    assert not any(b.runs_by_group() for b in ours.eval().modules() if isinstance(b, InvertedResidual))
+    assert not any(b.runs_by_piece() for b in ours.eval().modules() if isinstance(b, InvertedResidual))
     fused = fuse_model(ours).train()  # batch norms folded: the blocks' plain forward
-    assert not any(b.runs_by_group() for b in fused.modules() if isinstance(b, InvertedResidual))
+    assert not any(b.runs_by_piece() for b in fused.modules() if isinstance(b, InvertedResidual))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -95,7 +95,7 @@ class InvertedResidual(nn.Module):
                                      tf_padding=tf_padding)
         self.bn3 = norm_layer(out_channels)
         self.drop_path = drop_path(drop_path_rate)
-        # forward_by_group's pieces of the expanded channels: cut wherever the expand convs, the depthwise
+        # forward_by_piece's pieces of the expanded channels: cut wherever the expand convs, the depthwise
         # convs or the project convs split them, so each piece lies in one part of each. None: no split.
         splits = [[c.out_channels for c in conv_parts(self.conv_pw)],
                   [c.out_channels for c in conv_parts(self.conv_dw)],
@@ -109,14 +109,14 @@ class InvertedResidual(nn.Module):
         """Start the residual branch at zero, so the block begins as the identity."""
         nn.init.zeros_(self.bn3.weight)
 
-    def runs_by_group(self) -> bool:
-        """Whether ``forward`` runs ``forward_by_group``: in training, in a block whose channels are split
+    def runs_by_piece(self) -> bool:
+        """Whether ``forward`` runs ``forward_by_piece``: in training, in a block whose channels are split
         somewhere, with plain batch norms (not folded, not synchronised)."""
         return (self.training and self.pieces is not None
                 and all(type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
                         for bn in (self.bn1, self.bn2)))
 
-    def forward_by_group(self, x: Tensor) -> Tensor:
+    def forward_by_piece(self, x: Tensor) -> Tensor:
         """The expansion to the projection with each piece of the channels (``self.pieces``) in a tensor of
         its own.
 
@@ -155,8 +155,8 @@ class InvertedResidual(nn.Module):
         shortcut = x
         projected: Optional[Tensor] = None
         if not torch.jit.is_scripting():  # (TorchScript compiles only the layers' own forwards)
-            if self.runs_by_group():
-                projected = self.forward_by_group(x)
+            if self.runs_by_piece():
+                projected = self.forward_by_piece(x)
         if projected is None:
             x = self.act1(self.bn1(self.conv_pw(x)))
             x = self.act2(self.bn2(self.conv_dw(x)))

@@ -1,6 +1,6 @@
-"""A training step with MixConv blocks run group by group (the default) against split-and-concat, and timm's.
+"""A training step with blocks run piece by piece (the default) against split-and-concat, and timm's.
 
-    python benchmarks/train_by_group.py --model mixnet_s mixnet_l --batch-size 32 --image-size 128 \
+    python benchmarks/train_by_piece.py --model mixnet_s mixnet_l --batch-size 32 --image-size 128 \
         --threads 2 --repeats 10
 
 One process, the three steps interleaved (``mixnet.deploy.benchmark.measure``), channels_last, SGD, the same
@@ -37,7 +37,7 @@ def main() -> None:
         for block in split.modules():
             if isinstance(block, InvertedResidual):
                 block.pieces = None
-        steps = {"by group": build_train_step("mixnet-cl", model, name, args.batch_size),
+        steps = {"pieces": build_train_step("mixnet-cl", model, name, args.batch_size),
                  "split": build_train_step("mixnet-cl", split, name, args.batch_size),
                  "timm": build_train_step("timm-cl", model, name, args.batch_size)}
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(memory_format=torch.channels_last)
@@ -45,8 +45,8 @@ def main() -> None:
         rate = {path: args.batch_size / statistics.median(t) for path, t in times.items()}
         print(f"{name}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads, "
               f"{args.repeats} rounds: " + ", ".join(f"{p} {r:.1f} img/s" for p, r in rate.items())
-              + f"; by group / split x{rate['by group'] / rate['split']:.3f}, by group / timm "
-              f"x{rate['by group'] / rate['timm']:.3f}")
+              + f"; pieces / split x{rate['pieces'] / rate['split']:.3f}, pieces / timm "
+              f"x{rate['pieces'] / rate['timm']:.3f}")
 
 
 if __name__ == "__main__":
