@@ -1,5 +1,6 @@
 """The model family against the reference (timm, as test oracle) and against the published facts."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -86,10 +87,31 @@ def assert_training_steps_match(ours, ref, x, target, steps=1):
         assert torch.allclose(b.double(), ref_buffers[key].double(), rtol=0, atol=1e-9), key
 
 
+def every_block_by_piece(model):
+    """The model, its split blocks set to train piece by piece at any input size (these tests' inputs are
+    small)."""
+    for block in model.modules():
+        if isinstance(block, InvertedResidual):
+            block.min_piece_elements = 0
+    return model
+
+
+def blocks_run_by_piece(model, x):
+    """The indices of the model's inverted-residual blocks that run ``forward_by_piece`` on ``x`` (asked of a
+    copy: a forward in training updates the batch norms' running statistics)."""
+    model = copy.deepcopy(model)
+    chosen = []
+    for i, block in enumerate(m for m in model.modules() if isinstance(m, InvertedResidual)):
+        block.register_forward_pre_hook(lambda b, args, i=i: chosen.append(i) if b.runs_by_piece(args[0]) else None)
+    with torch.no_grad():
+        model(x)
+    return chosen
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
     ours, ref = pair(name, num_classes=10)
-    ours.train(), ref.train()
+    ours, ref = every_block_by_piece(ours).train(), ref.train()
     torch.manual_seed(2)
     assert_training_steps_match(ours, ref, torch.randn(3, 3, 67, 75), torch.tensor([1, 5, 9]))
 
@@ -97,17 +119,28 @@ def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_blocks_train_piece_by_piece_with_timms_outputs_gradients_and_bn_updates(memory_format):
     ours, ref = pair("mixnet_s", num_classes=10, drop_rate=0.0)
-    ours, ref = ours.to(memory_format=memory_format).train(), ref.to(memory_format=memory_format).train()
+    ours = every_block_by_piece(ours).to(memory_format=memory_format).train()
+    ref = ref.to(memory_format=memory_format).train()
     blocks = [m for m in ours.modules() if isinstance(m, InvertedResidual)]
     # 13 blocks have a MixConv, and 2 a single depthwise conv between grouped expand and project convs.
     assert sum(isinstance(b.conv_dw, MixedConv2d) for b in blocks) == 13
-    assert sum(b.runs_by_piece() for b in blocks) == 15
     torch.manual_seed(3)
     x = torch.randn(4, 3, 64, 64).to(memory_format=memory_format)
-    assert_training_steps_match(ours, ref, x, torch.tensor([0, 3, 6, 9]), steps=2)
-    assert not any(b.runs_by_piece() for b in ours.eval().modules() if isinstance(b, InvertedResidual))
+    assert len(blocks_run_by_piece(ours, x)) == 15
+    assert_training_steps_match(ours, ref, x, torch.tensor([0, 3, 6, 9]), steps=2)  # (makes both float64)
+    assert blocks_run_by_piece(ours.eval(), x.double()) == []
     fused = fuse_model(ours).train()  # batch norms folded: the blocks' plain forward
-    assert not any(b.runs_by_piece() for b in fused.modules() if isinstance(b, InvertedResidual))
+    assert blocks_run_by_piece(fused, x.double()) == []
+
+
+def test_blocks_train_piece_by_piece_only_where_a_piece_is_big_enough_to_pay():
+    model = mixnet.create_model("mixnet_s", num_classes=10).train()
+    # Elements per piece of each split block's expanded tensor at batch 8, 128 px (batch x height x width x
+    # channels / pieces): blocks 0 (8 x 64 x 64 x 96 / 2 = 1,572,864) and 2 (8 x 32 x 32 x 144 / 3 = 393,216)
+    # are above 300,000; the rest are at most 294,912. At batch 2 only block 0 is (393,216).
+    assert blocks_run_by_piece(model, torch.randn(8, 3, 128, 128)) == [0, 2]
+    assert blocks_run_by_piece(model, torch.randn(2, 3, 128, 128)) == [0]
+    assert len(blocks_run_by_piece(model, torch.randn(32, 3, 224, 224))) == 15
 
 
 @pytest.mark.parametrize("name", ALL)

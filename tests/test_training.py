@@ -23,6 +23,7 @@ from conftest import ALONE, COMPILES_TIMEOUT, HEAVY, RunsCode, needs_bf16, rando
 from mixnet import TrainConfig, create_model, resume_training, train
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
+from mixnet.models.blocks import InvertedResidual
 from mixnet.training.distributed import setup_runtime
 from mixnet.training.loop import NonFiniteLoss, Trainer
 from mixnet.training.run_dir import BEST, LAST, load_checkpoint
@@ -192,10 +193,11 @@ def _one_update(data: Path, run: Path, start: dict, **settings):
 
 
 @needs_bf16
-def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data, tmp_path):
+def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data, tmp_path, monkeypatch):
     """Same weights (random, so every layer matters), same batch, one SGD update: the bf16 path must
     give the fp32 loss and update up to bf16 rounding (a wrong graph or a lost gradient would not),
     and must differ from it at all (else the flag did nothing)."""
+    monkeypatch.setattr(InvertedResidual, "min_piece_elements", 0)  # blocks by piece too, at this small size
     start = randomized("mixnet_s", seed=5, num_classes=3).state_dict()
     loss32, update32, _ = _one_update(data, tmp_path / "fp32", start, amp="none")
     loss16, update16, _ = _one_update(data, tmp_path / "bf16", start, amp="bf16")
@@ -206,9 +208,11 @@ def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data
 
 @ALONE
 @COMPILES_TIMEOUT
-def test_a_compiled_training_step_gives_the_eager_loss_and_update(data, tmp_path):
+def test_a_compiled_training_step_gives_the_eager_loss_and_update(data, tmp_path, monkeypatch):
     """torch.compile of the training forward (and so of its backward): the eager loss and update up to
     float reassociation, where a wrong graph or a lost gradient would be far off."""
+    # Blocks by piece too, at this small size (compiled, the piece path once gave wrong gradients).
+    monkeypatch.setattr(InvertedResidual, "min_piece_elements", 0)
     # The tiny model at 32 px: cold (a fresh CI machine) the full width's step took 9 minutes to compile.
     start = randomized("mixnet_s", seed=5, num_classes=3, **TINY_MODEL).state_dict()
     settings = dict(model_args=dict(TINY_MODEL), batch_size=6, train_size=32,

@@ -109,12 +109,21 @@ class InvertedResidual(nn.Module):
         """Start the residual branch at zero, so the block begins as the identity."""
         nn.init.zeros_(self.bn3.weight)
 
-    def runs_by_piece(self) -> bool:
-        """Whether ``forward`` runs ``forward_by_piece``: in training, in a block whose channels are split
-        somewhere, with plain batch norms (not folded, not synchronised)."""
+    # forward_by_piece pays where a piece of the expanded tensor has at least this many elements (batch x
+    # height x width x channels / pieces): below it, its extra small ops cost more than the copies it saves.
+    # Measured block by block on a 2-core AVX-512 CPU, mixnet_s and mixnet_l at batch 8 and 32, 128 and
+    # 224 px: above about 3e5 the pieces mostly won (up to x1.85), below they mostly lost (down to x0.73)
+    # (benchmarks/RESULTS.md, "Pieces by size"; not measured on a GPU). 0: every split block by piece.
+    min_piece_elements = 300_000
+
+    def runs_by_piece(self, x: Tensor) -> bool:
+        """Whether ``forward`` runs ``forward_by_piece`` on ``x``: in training, in a block whose channels are
+        split somewhere, with plain batch norms (not folded, not synchronised), on a big enough input."""
         return (self.training and self.pieces is not None
                 and all(type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
-                        for bn in (self.bn1, self.bn2)))
+                        for bn in (self.bn1, self.bn2))
+                and x.shape[0] * x.shape[2] * x.shape[3] * self.bn1.num_features
+                >= self.min_piece_elements * len(self.pieces))
 
     def forward_by_piece(self, x: Tensor) -> Tensor:
         """The expansion to the projection with each piece of the channels (``self.pieces``) in a tensor of
@@ -155,7 +164,7 @@ class InvertedResidual(nn.Module):
         shortcut = x
         projected: Optional[Tensor] = None
         if not torch.jit.is_scripting():  # (TorchScript compiles only the layers' own forwards)
-            if self.runs_by_piece():
+            if self.runs_by_piece(x):
                 projected = self.forward_by_piece(x)
         if projected is None:
             x = self.act1(self.bn1(self.conv_pw(x)))
