@@ -101,7 +101,8 @@ class InvertedResidual(nn.Module):
                   [c.out_channels for c in conv_parts(self.conv_dw)],
                   [c.in_channels for c in conv_parts(self.conv_pwl)]]
         self.pieces = common_pieces(*splits)
-        self.piece_parts = list(zip(*(part_index(self.pieces, sizes) for sizes in splits)))
+        # For each piece, the part that holds it: of the expand conv, of the depthwise conv, of the project conv.
+        self.piece_parts = [part_index(self.pieces, sizes) for sizes in splits]
         if len(self.pieces) == 1:
             self.pieces = None
 
@@ -137,7 +138,7 @@ class InvertedResidual(nn.Module):
         The batch norms update their running statistics through views, once each per batch.
         """
         expand, depthwise, project = (conv_parts(c) for c in (self.conv_pw, self.conv_dw, self.conv_pwl))
-        expand_of, depthwise_of, project_of = zip(*self.piece_parts)
+        expand_of, depthwise_of, project_of = self.piece_parts
         sizes = [end - start for start, end in self.pieces]
         expand_w = split_by_piece([c.weight for c in expand], expand_of, sizes, 0)
         depthwise_w = split_by_piece([c.weight for c in depthwise], depthwise_of, sizes, 0)
