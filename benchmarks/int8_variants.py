@@ -5,11 +5,11 @@ around them become separate elementwise passes. This script quantizes the merged
 `mixnet quantize --backend openvino` does (NNCF, MIXED preset, full bias correction) and three variants:
 depthwise convs left out of quantization (NNCF ``ignored_scope``), with MIXED (asymmetric activations)
 or PERFORMANCE (symmetric) presets; and INT8 only in the blocks where the shipped INT8 graph ran faster
-than the float graph under the bf16 hint (OpenVINO's per-node times summed per block, as in
-mixconv_merge_choice.py), every other block float. Each INT8 graph runs with OpenVINO's f32 and bf16
-precision hints (the hint sets the precision of the float parts). All are timed side by side with our
-fp32 onnxruntime path and OpenVINO bf16, interleaved in one process. Speed only: random weights,
-random calibration images.
+than the float graph (OpenVINO's per-node times summed per block, as in mixconv_merge_choice.py),
+every other block float. Each INT8 graph runs with OpenVINO's f32 precision hint and, on a CPU with
+native bf16, the bf16 hint too (the hint sets the precision of the float parts). All are timed side by
+side with our fp32 onnxruntime path and the float graph under OpenVINO (bf16 where native, else f32),
+interleaved in one process. Speed only: random weights, random calibration images.
 
     python benchmarks/int8_variants.py --model mixnet_s --batch-size 1 --rounds 30
 """
@@ -31,7 +31,7 @@ import torch
 from mixnet import create_model
 from mixnet.deploy.benchmark import calibration_arrays, measure, randomize_batchnorm
 from mixnet.deploy.export import OnnxRuntimeModel, export_model
-from mixnet.deploy.runtimes import OpenVinoModel
+from mixnet.deploy.runtimes import OpenVinoModel, native_bf16
 # benchmarks/, beside this script
 from mixconv_merge_choice import block_of_node, block_order, name_nodes_by_block
 from openvino_layer_times import layer_times
@@ -48,13 +48,13 @@ def depthwise_conv_names(model) -> list:
     return names
 
 
-def faster_in_float(source: Path, int8: Path, shape, threads: int, calls: int = 20) -> list:
+def faster_in_float(source: Path, int8: Path, shape, threads: int, hint: str, calls: int = 20) -> list:
     """The blocks whose nodes took less time in the float graph than in the INT8 one, both under the
-    bf16 hint (per-node times summed per block; nodes are named after their block)."""
-    float_ms = layer_times(source, "bf16", shape, threads, calls, key=block_of_node)
-    int8_ms = layer_times(int8, "bf16", shape, threads, calls, key=block_of_node)
+    precision hint ``hint`` (per-node times summed per block; nodes are named after their block)."""
+    float_ms = layer_times(source, hint, shape, threads, calls, key=block_of_node)
+    int8_ms = layer_times(int8, hint, shape, threads, calls, key=block_of_node)
     for block in sorted(float_ms, key=block_order):
-        print(f"| {block} | bf16 {float_ms[block]:.3f} ms | int8 {int8_ms.get(block, 0.0):.3f} ms |",
+        print(f"| {block} | {hint} {float_ms[block]:.3f} ms | int8 {int8_ms.get(block, 0.0):.3f} ms |",
               file=sys.stderr)
     return [b for b in float_ms if b != "other" and float_ms[b] <= int8_ms.get(b, float("inf"))]
 
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
+    # bf16 is emulated (slower than fp32) on CPUs without native bf16: there the float parts run in f32
+    hints, best = (("f32", "bf16"), "bf16") if native_bf16() else (("f32",), "f32")
     nncf.set_log_level(40)  # errors only: NNCF lists every node it leaves float
     torch.manual_seed(0)
     model = randomize_batchnorm(create_model(args.model)).eval()
@@ -88,17 +90,17 @@ def main() -> None:
         source = export_model(model, Path(tmp) / "model.onnx", "onnx").path
         name_nodes_by_block(source)
         runners = {"onnxruntime fp32": OnnxRuntimeModel(source, args.threads),
-                   "openvino bf16": OpenVinoModel(source, "bf16", args.threads)}
+                   f"openvino {best}": OpenVinoModel(source, best, args.threads)}
         shape = (args.batch_size, 3, 224, 224)
         for i, (label, (float_depthwise, preset)) in enumerate(variants.items()):
             graph = quantize(source, Path(tmp) / f"int8-{i}.xml", calibration, float_depthwise, preset)
-            for hint in ("f32", "bf16"):
+            for hint in hints:
                 runners[f"openvino {label}, {hint} hint"] = OpenVinoModel(graph, hint, args.threads)
             if i == 0:
-                float_blocks = faster_in_float(source, graph, shape, args.threads)
-                print(f"blocks faster in bf16 than in INT8: {', '.join(sorted(float_blocks)) or 'none'}")
+                float_blocks = faster_in_float(source, graph, shape, args.threads, best)
+                print(f"blocks faster in {best} than in INT8: {', '.join(sorted(float_blocks)) or 'none'}")
                 graph = quantize(source, Path(tmp) / "int8-chosen.xml", calibration, False, preset, float_blocks)
-                runners["openvino int8 where faster, bf16 hint"] = OpenVinoModel(graph, "bf16", args.threads)
+                runners[f"openvino int8 where faster, {best} hint"] = OpenVinoModel(graph, best, args.threads)
         x = torch.randn(shape)
         times = measure(runners, x, warmup=3, repeats=args.rounds)
     base = statistics.median(times["onnxruntime fp32"])

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from colour_model import make_colour_model  # noqa: E402
 from mixnet import save_pretrained  # noqa: E402
+from mixnet.deploy import runtimes  # noqa: E402
 from mixnet.deploy.runtimes import native_bf16  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -42,8 +43,21 @@ ALONE = pytest.mark.alone
 COMPILES_TIMEOUT = pytest.mark.timeout(1800)
 
 
-# bf16 paths refuse CPUs without native bf16 (tested with a faked CPU); the real ones need it.
+# bf16 paths refuse CPUs without native bf16 (tested with a faked CPU). OpenVINO's bf16 needs the real
+# thing (elsewhere it quietly runs f32); PyTorch's bf16 autocast runs anywhere (see allow_bf16).
 needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
+# `python -c ALLOW_BF16 ARGS...` runs the mixnet command with allow_bf16's fake CPU, for subprocess tests.
+ALLOW_BF16 = ("import sys; from mixnet.deploy import runtimes; flags = runtimes.cpu_flags(); "
+              "runtimes.cpu_flags = lambda cpuinfo=None: flags | {'avx512_bf16'}; "
+              "from mixnet.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def allow_bf16(monkeypatch) -> None:
+    """Let `--amp bf16` train on any CPU. Where bf16 is not native PyTorch emulates it: slower (which
+    is why the trainer refuses it there) but with the same bf16 rounding, so tests of its arithmetic
+    hold on every CI machine instead of skipping on most."""
+    flags = runtimes.cpu_flags()
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda cpuinfo=None: flags | {"avx512_bf16"})
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # CI runs one process per core (-n auto): MixNet's many small kernels parallelise poorly inside one

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ALONE, COMPILES_TIMEOUT, HEAVY, RunsCode, needs_bf16, randomized
+from conftest import ALLOW_BF16, ALONE, COMPILES_TIMEOUT, HEAVY, RunsCode, allow_bf16, randomized
 from mixnet import TrainConfig, create_model, resume_training, train
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
@@ -101,9 +101,11 @@ def test_muon_learns_well_above_chance_as_adamw_does(data, tmp_path):
     assert rows["muon"][0]["train_loss"] != rows["adamw"][0]["train_loss"]
 
 
-def _run_until_killed(config_args, run: Path, kill_when) -> None:
-    """Start `mixnet train` in a subprocess and SIGKILL it once ``kill_when(checkpoint)`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "mixnet", "train", *config_args],
+def _run_until_killed(config_args, run: Path, kill_when, bf16: bool = False) -> None:
+    """Start `mixnet train` in a subprocess and SIGKILL it once ``kill_when(checkpoint)`` holds (with
+    ``bf16``, on allow_bf16's fake CPU)."""
+    command = ["-c", ALLOW_BF16] if bf16 else ["-m", "mixnet"]
+    proc = subprocess.Popen([sys.executable, *command, "train", *config_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -142,11 +144,15 @@ SETTINGS = dict(epochs=3, batch_size=6, train_size=32, eval_size=32, workers=0, 
 @HEAVY
 @pytest.mark.parametrize("where,path", [pytest.param("mid-epoch", {}, id="mid-epoch"),
                                         pytest.param("end-of-epoch", {}, id="end-of-epoch"),
-                                        pytest.param("mid-epoch", {"amp": "bf16"}, marks=needs_bf16, id="bf16"),
+                                        pytest.param("mid-epoch", {"amp": "bf16"}, id="bf16"),
                                         pytest.param("mid-epoch", {"compile": True},
                                                      marks=[ALONE, COMPILES_TIMEOUT], id="compiled"),
                                         pytest.param("mid-epoch", {"opt": "muon"}, id="muon")])
-def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, where, path):
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, monkeypatch,
+                                                                             where, path):
+    bf16 = path.get("amp") == "bf16"
+    if bf16:
+        allow_bf16(monkeypatch)
     reference = tmp_path / "reference"
     settings = dict(SETTINGS, **path)
     train(tiny_config(data, reference, **settings, checkpoint_minutes=0))
@@ -158,7 +164,7 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(dat
     else:
         settings = dict(settings, checkpoint_minutes=0)
         kill_when = lambda s: s.epoch >= 1  # noqa: E731
-    _run_until_killed(_cli_args(data, killed, **settings), killed, kill_when)
+    _run_until_killed(_cli_args(data, killed, **settings), killed, kill_when, bf16)
     state = load_checkpoint(killed / LAST)  # where the resumed run starts: 12 updates per epoch
     if where == "mid-epoch":
         assert state.epoch == 1 and 2 <= state.update < 12 and state.global_update == 12 + state.update
@@ -192,11 +198,11 @@ def _one_update(data: Path, run: Path, start: dict, **settings):
     return loss_sum / samples, update, trainer
 
 
-@needs_bf16
 def test_a_bf16_training_step_matches_the_fp32_step_closely_but_not_exactly(data, tmp_path, monkeypatch):
     """Same weights (random, so every layer matters), same batch, one SGD update: the bf16 path must
     give the fp32 loss and update up to bf16 rounding (a wrong graph or a lost gradient would not),
     and must differ from it at all (else the flag did nothing)."""
+    allow_bf16(monkeypatch)
     monkeypatch.setattr(InvertedResidual, "min_piece_elements", 0)  # blocks by piece too, at this small size
     start = randomized("mixnet_s", seed=5, num_classes=3).state_dict()
     loss32, update32, _ = _one_update(data, tmp_path / "fp32", start, amp="none")
@@ -272,7 +278,8 @@ def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_train_refuses_to_overwrite_a_run(data, tmp_path):
+def test_train_refuses_to_overwrite_a_run(data, tmp_path, monkeypatch):
+    allow_bf16(monkeypatch)
     run = tmp_path / "run"  # also exercises accumulation, clipping, bf16 autocast and cutmix
     result = train(tiny_config(data, run, epochs=1, accum_steps=2, clip_grad=1.0, amp="bf16", cutmix=1.0))
     assert result.history[0]["train_loss"] > 0 and load_checkpoint(run / LAST).global_update == 6
