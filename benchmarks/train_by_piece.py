@@ -85,10 +85,9 @@ def per_block(name: str, model: nn.Module, args) -> None:
                 "split": forward_backward(with_blocks(block, no_pieces))}
         ms = {k: 1e3 * statistics.median(t) for k, t in measure(runs, x, warmup=2, repeats=args.repeats,
                                                                  settle_s=0.0).items()}
-        n, c, h, w = x.shape
-        elements = n * h * w * block.bn1.num_features // len(block.pieces)
-        print(f"{i} | {c} x {h} | {len(block.pieces)} | {elements:,} | {ms['by piece']:.2f} | {ms['split']:.2f}"
-              f" | x{ms['split'] / ms['by piece']:.2f}")
+        _, c, h, _ = x.shape
+        print(f"{i} | {c} x {h} | {len(block.pieces)} | {block.elements_per_piece(x):,.0f} | "
+              f"{ms['by piece']:.2f} | {ms['split']:.2f} | x{ms['split'] / ms['by piece']:.2f}")
 
 
 def main() -> None:

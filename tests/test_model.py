@@ -87,15 +87,6 @@ def assert_training_steps_match(ours, ref, x, target, steps=1):
         assert torch.allclose(b.double(), ref_buffers[key].double(), rtol=0, atol=1e-9), key
 
 
-def every_block_by_piece(model):
-    """The model, its split blocks set to train piece by piece at any input size (these tests' inputs are
-    small)."""
-    for block in model.modules():
-        if isinstance(block, InvertedResidual):
-            block.min_piece_elements = 0
-    return model
-
-
 def blocks_run_by_piece(model, x):
     """The indices of the model's inverted-residual blocks that run ``forward_by_piece`` on ``x`` (asked of a
     copy: a forward in training updates the batch norms' running statistics)."""
@@ -109,18 +100,19 @@ def blocks_run_by_piece(model, x):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name):
+def test_train_mode_outputs_gradients_and_bn_updates_match_timm(name, monkeypatch):
+    monkeypatch.setattr(InvertedResidual, "min_piece_elements", 0)  # split blocks by piece at this small size
     ours, ref = pair(name, num_classes=10)
-    ours, ref = every_block_by_piece(ours).train(), ref.train()
+    ours.train(), ref.train()
     torch.manual_seed(2)
     assert_training_steps_match(ours, ref, torch.randn(3, 3, 67, 75), torch.tensor([1, 5, 9]))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_blocks_train_piece_by_piece_with_timms_outputs_gradients_and_bn_updates(memory_format):
+def test_blocks_train_piece_by_piece_with_timms_outputs_gradients_and_bn_updates(memory_format, monkeypatch):
+    monkeypatch.setattr(InvertedResidual, "min_piece_elements", 0)  # split blocks by piece at this small size
     ours, ref = pair("mixnet_s", num_classes=10, drop_rate=0.0)
-    ours = every_block_by_piece(ours).to(memory_format=memory_format).train()
-    ref = ref.to(memory_format=memory_format).train()
+    ours, ref = ours.to(memory_format=memory_format).train(), ref.to(memory_format=memory_format).train()
     blocks = [m for m in ours.modules() if isinstance(m, InvertedResidual)]
     # 13 blocks have a MixConv, and 2 a single depthwise conv between grouped expand and project convs.
     assert sum(isinstance(b.conv_dw, MixedConv2d) for b in blocks) == 13

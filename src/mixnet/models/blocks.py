@@ -114,7 +114,8 @@ class InvertedResidual(nn.Module):
     # height x width x channels / pieces): below it, its extra small ops cost more than the copies it saves.
     # Measured block by block on a 2-core AVX-512 CPU, mixnet_s and mixnet_l at batch 8 and 32, 128 and
     # 224 px: above about 3e5 the pieces mostly won (up to x1.85), below they mostly lost (down to x0.73)
-    # (benchmarks/RESULTS.md, "Pieces by size"; not measured on a GPU). 0: every split block by piece.
+    # (benchmarks/RESULTS.md, "Pieces by size"); checked again on an AVX2-only CPU; not measured on a GPU.
+    # 0: every split block by piece.
     min_piece_elements = 300_000
 
     def runs_by_piece(self, x: Tensor) -> bool:
@@ -123,8 +124,13 @@ class InvertedResidual(nn.Module):
         return (self.training and self.pieces is not None
                 and all(type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
                         for bn in (self.bn1, self.bn2))
-                and x.shape[0] * x.shape[2] * x.shape[3] * self.bn1.num_features
-                >= self.min_piece_elements * len(self.pieces))
+                and self.elements_per_piece(x) >= self.min_piece_elements)
+
+    def elements_per_piece(self, x: Tensor) -> float:
+        """The elements of one piece of the expanded tensor for the input ``x``, on average over the pieces
+        (batch x height x width x expanded channels / pieces)."""
+        n, _, h, w = x.shape
+        return n * h * w * self.bn1.num_features / (len(self.pieces) if self.pieces else 1)
 
     def forward_by_piece(self, x: Tensor) -> Tensor:
         """The expansion to the projection with each piece of the channels (``self.pieces``) in a tensor of
