@@ -128,9 +128,9 @@ class InvertedResidual(nn.Module):
 
     def elements_per_piece(self, x: Tensor) -> float:
         """The elements of one piece of the expanded tensor for the input ``x``, on average over the pieces
-        (batch x height x width x expanded channels / pieces)."""
+        (batch x height x width x expanded channels / pieces); for a block that has pieces."""
         n, _, h, w = x.shape
-        return n * h * w * self.bn1.num_features / (len(self.pieces) if self.pieces else 1)
+        return n * h * w * self.bn1.num_features / len(self.pieces)
 
     def forward_by_piece(self, x: Tensor) -> Tensor:
         """The expansion to the projection with each piece of the channels (``self.pieces``) in a tensor of
