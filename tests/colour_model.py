@@ -45,3 +45,13 @@ def write_colour_image(path: Path, colour: str, size=(80, 60)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
     return path
+
+
+def write_framed_square(path: Path, centre: str, frame: str) -> Path:
+    """A 100 px photo of colour ``frame`` with a 30 px square of colour ``centre`` in its middle: what the
+    model answers depends on how much of the photo its center crop keeps."""
+    img = Image.new("RGB", (100, 100), COLOURS[frame])
+    img.paste(COLOURS[centre], (35, 35, 65, 65))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -114,6 +114,21 @@ def test_eval_transform_uses_config_fields(timm_data):
         build_eval_transform({**cfg, "interpolation": "nope"})
 
 
+def test_eval_transform_size_and_crop_overrides_match_timm_at_those_values(timm_data):
+    cfg = dict(input_size=(3, 128, 128), crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+               std=(0.229, 0.224, 0.225))
+    ours = build_eval_transform(cfg, image_size=96, crop_pct=0.7)
+    theirs = timm_data.create_transform(input_size=(3, 96, 96), crop_pct=0.7, interpolation="bicubic",
+                                        mean=cfg["mean"], std=cfg["std"])
+    img = Image.fromarray(photo_like(200, 150))
+    assert torch.allclose(ours(img), theirs(img), atol=1e-6, rtol=0)
+    for bad in (0.0, 1.5, -0.5):
+        with pytest.raises(MixNetError, match=f"crop_pct must be in \\(0, 1\\].*got {bad}"):
+            build_eval_transform(cfg, crop_pct=bad)
+    with pytest.raises(MixNetError, match="image size must be at least 1 pixel, got 0"):
+        build_eval_transform(cfg, image_size=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading real files of each kind
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from colour_model import write_colour_image
+from colour_model import write_colour_image, write_framed_square
 from conftest import counting, shared_data
 from mixnet import create_model
 from mixnet.cli import main
@@ -109,6 +109,28 @@ def test_cli_validate_onnxruntime_runs_the_onnx_file_given(soft_weights_dir, bia
                           "--onnx", onnx_file)
     assert runs
     assert_same_report(got, expected)
+
+
+def test_cli_validate_image_size_and_crop_pct_set_what_the_model_sees(weights_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    from mixnet.models.network import MixNet
+
+    # Each photo is its class colour framed by another: the model's own crop (64 px, 0.875 of the resized
+    # photo) sees mostly the frame, a crop of a quarter of it only the square.
+    for colour, frame in [("red", "green"), ("green", "blue"), ("blue", "red")]:
+        write_framed_square(tmp_path / "val" / colour / "a.png", colour, frame)
+    shapes = []
+    forward = MixNet.forward
+    monkeypatch.setattr(MixNet, "forward", lambda self, x: shapes.append(tuple(x.shape[1:])) or forward(self, x))
+    own = validate_report(capsys, tmp_path / "val", weights_dir)
+    assert own["top1"] == 0 and shapes == [(3, 64, 64)]
+    centre = validate_report(capsys, tmp_path / "val", weights_dir, "--crop-pct", "0.25", "--image-size", "40")
+    assert centre["top1"] == 100 and shapes[1:] == [(3, 40, 40)]
+    for flags, problem in [(["--crop-pct", "1.5"], "--crop-pct: must be in (0, 1], got 1.5"),
+                           (["--image-size", "0"], "--image-size: must be at least 1, got 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["validate", str(tmp_path / "val"), "--weights", str(weights_dir), *flags])
+        assert exit_info.value.code == 2 and problem in capsys.readouterr().err
 
 
 def test_validate_folder_names_must_match(colour_model, weights_dir, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colour_model import COLOURS, write_colour_image
+from colour_model import COLOURS, write_colour_image, write_framed_square
 from conftest import counting
 from mixnet.cli import main
 from mixnet.errors import MixNetError
@@ -69,6 +69,27 @@ def test_predict_restores_training_mode(colour_model, images):
         assert colour_model.training
     finally:
         colour_model.eval()
+
+
+def test_predict_image_size_and_crop_pct_set_what_the_model_sees(colour_model, tmp_path):
+    write_framed_square(tmp_path / "framed.png", "blue", "red")
+    shapes = []
+
+    def forward(x):
+        shapes.append(tuple(x.shape[1:]))
+        return colour_model(x)
+
+    # The model's own crop (0.875 of the resized photo) sees mostly the red frame, a quarter of it the square.
+    assert predict(colour_model, tmp_path, topk=1, forward=forward)[0].top[0].name == "red"
+    centre = predict(colour_model, tmp_path, topk=1, forward=forward, image_size=48, crop_pct=0.25)
+    assert centre[0].top[0].name == "blue" and shapes == [(3, 64, 64), (3, 48, 48)]
+
+
+def test_cli_predict_crop_pct_sets_what_the_model_sees(weights_dir, tmp_path, capsys):
+    framed = write_framed_square(tmp_path / "framed.png", "blue", "red")
+    for flags, answer in [([], "red"), (["--crop-pct", "0.25", "--image-size", "48"], "blue")]:
+        assert main(["predict", str(framed), "--weights", str(weights_dir), "--topk", "1", "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["top"][0]["name"] == answer
 
 
 def test_class_names_fallbacks():

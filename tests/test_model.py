@@ -359,7 +359,7 @@ def test_a_fresh_classifier_starts_calibrated_on_real_photos(num_classes):
     photos = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
     torch.manual_seed(0)
     model = mixnet.create_model("mixnet_s", num_classes=num_classes).train()
-    transform = build_eval_transform(model.pretrained_cfg, input_size=(3, 128, 128))
+    transform = build_eval_transform(model.pretrained_cfg, image_size=128)
     x = torch.stack([transform(load_image(p)) for p in photos])
     targets = torch.arange(len(photos)) % num_classes
     loss = torch.nn.functional.cross_entropy(model(x), targets).item()

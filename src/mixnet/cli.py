@@ -116,6 +116,21 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
+def add_preprocessing_arguments(p: argparse.ArgumentParser) -> None:
+    """Overrides of the evaluation transform the model's config gives (predict, validate)."""
+    p.add_argument("--image-size", type=positive_int, metavar="PX",
+                   help="side of the square input in pixels (default: the model's own)")
+    p.add_argument("--crop-pct", type=crop_fraction, metavar="F",
+                   help="center-crop fraction: photos are resized to PX/F before the crop (default: the model's own)")
+
+
+def crop_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -133,7 +148,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, forward = inference_model(args)
     failed = []
     for p in iter_predictions(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                              forward=forward, progress=len(files) > args.batch_size):
+                              forward=forward, progress=len(files) > args.batch_size, image_size=args.image_size,
+                              crop_pct=args.crop_pct):
         if not p.ok:
             failed.append(p)
         if args.json:
@@ -157,7 +173,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
     model, forward = inference_model(args)
     result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
-                      progress=True)
+                      progress=True, image_size=args.image_size, crop_pct=args.crop_pct)
     report = result.to_dict()
     if args.out:
         with atomic_write(args.out, "w", encoding="utf-8") as f:
@@ -282,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images: top-k classes with probabilities")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories (searched recursively)")
     add_model_arguments(p)
+    add_preprocessing_arguments(p)
     p.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
@@ -291,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="DIR", help="DIR/<class>/<images>; class folders named by the model's "
                                                  "classes or by ImageNet wnids")
     add_model_arguments(p)
+    add_preprocessing_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--out", metavar="FILE", help="write the full results (per-class accuracy, confusion "

@@ -157,20 +157,27 @@ def eval_resize_size(image_size: int, crop_pct: float) -> int:
     return int(math.floor(image_size / crop_pct))
 
 
-def build_eval_transform(cfg: Any, *, input_size: Optional[Sequence[int]] = None, crop_pct: Optional[float] = None,
+def build_eval_transform(cfg: Any, *, image_size: Optional[int] = None, crop_pct: Optional[float] = None,
                          interpolation: Optional[str] = None, mean: Optional[Sequence[float]] = None,
                          std: Optional[Sequence[float]] = None) -> Callable[[Image.Image], torch.Tensor]:
     """The reference evaluation transform for an RGB PIL image, from a model's ``pretrained_cfg``.
 
     Resize the shorter side to ``floor(size / crop_pct)`` (bicubic by default), center-crop ``size``,
     scale to [0, 1] and normalize with the config's mean and std. ``cfg`` may be a model, a
-    ``PretrainedCfg`` or a dict; keyword arguments override single fields.
+    ``PretrainedCfg`` or a dict; keyword arguments override single fields (``image_size``: the side of
+    the square crop, in place of the config's ``input_size``).
     """
     cfg = _input_config(cfg)
-    _, height, width = input_size or cfg["input_size"]
+    _, height, width = cfg["input_size"]
+    if image_size is not None:
+        if image_size < 1:
+            raise MixNetError(f"image size must be at least 1 pixel, got {image_size}")
+        height = width = image_size
     if height != width:
         raise MixNetError(f"non-square input size {height}x{width} is not supported by the evaluation transform")
-    crop_pct = crop_pct or cfg.get("crop_pct", 0.875)
+    crop_pct = cfg.get("crop_pct", 0.875) if crop_pct is None else crop_pct
+    if not 0 < crop_pct <= 1:
+        raise MixNetError(f"crop_pct must be in (0, 1], the fraction of the resized photo kept, got {crop_pct}")
     interpolation = interpolation or cfg.get("interpolation", "bicubic")
     try:
         mode = InterpolationMode(interpolation)

@@ -157,7 +157,7 @@ def calibration_arrays(model: nn.Module, image_size: int, folder=None, count: in
     from .quantize import load_batches
 
     files = list_image_files([folder])[:count]
-    transform = build_eval_transform(model, input_size=(3, image_size, image_size))
+    transform = build_eval_transform(model, image_size=image_size)
     arrays = [x[i:i + 1].numpy() for _, x in load_batches(model, files, transform=transform) for i in range(len(x))]
     if not arrays:
         raise MixNetError(f"{folder}: no readable image files for calibration")

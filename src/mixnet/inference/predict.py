@@ -123,7 +123,8 @@ def expand_sources(images: Union[ImageSource, Sequence[ImageSource]]) -> List[Im
 
 def iter_predictions(model, images: Union[ImageSource, Sequence[ImageSource]], topk: int = 5,
                      batch_size: int = 32, workers: int = 0, forward: Optional[Forward] = None,
-                     progress: bool = False) -> Iterator[Prediction]:
+                     progress: bool = False, image_size: Optional[int] = None,
+                     crop_pct: Optional[float] = None) -> Iterator[Prediction]:
     """Like ``predict`` but yields predictions batch by batch, in input order."""
     if topk < 1:
         raise MixNetError(f"topk must be at least 1, got {topk}")
@@ -135,8 +136,8 @@ def iter_predictions(model, images: Union[ImageSource, Sequence[ImageSource]], t
     forward = forward or model
     device = model_device(forward)
     labels = [str(s) if not isinstance(s, Image.Image) else f"<image {i}>" for i, s in enumerate(sources)]
-    loader = DataLoader(ImageList(sources, build_eval_transform(model)), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate)
+    transform = build_eval_transform(model, image_size=image_size, crop_pct=crop_pct)
+    loader = DataLoader(ImageList(sources, transform), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     with eval_mode(forward), tqdm(total=len(sources), unit="img", disable=not progress) as bar:
         for batch in loader:
             results = {f.index: Prediction(labels[f.index], error=f.problem) for f in batch.failures}
@@ -150,12 +151,14 @@ def iter_predictions(model, images: Union[ImageSource, Sequence[ImageSource]], t
 
 
 def predict(model, images: Union[ImageSource, Sequence[ImageSource]], topk: int = 5, batch_size: int = 32,
-            workers: int = 0, forward: Optional[Forward] = None, progress: bool = False) -> List[Prediction]:
+            workers: int = 0, forward: Optional[Forward] = None, progress: bool = False,
+            image_size: Optional[int] = None, crop_pct: Optional[float] = None) -> List[Prediction]:
     """Classify images with ``model``: one ``Prediction`` per image, in order.
 
     ``images`` is a path, a directory (searched recursively), a PIL image, or a sequence of these.
     An image that cannot be loaded gives a ``Prediction`` whose ``error`` says why, not an
     exception. ``forward`` replaces the model for the forward pass (any callable from an NCHW float
-    tensor to logits); ``model`` still gives the input transform and class names.
+    tensor to logits); ``model`` still gives the input transform and class names. ``image_size`` and
+    ``crop_pct`` override the model's evaluation size and center-crop fraction.
     """
-    return list(iter_predictions(model, images, topk, batch_size, workers, forward, progress))
+    return list(iter_predictions(model, images, topk, batch_size, workers, forward, progress, image_size, crop_pct))

@@ -110,16 +110,19 @@ class ValidationResult:
 
 
 def validate(model, root: PathLike, batch_size: int = 64, workers: int = 0, forward: Optional[Forward] = None,
-             progress: bool = True) -> ValidationResult:
+             progress: bool = True, image_size: Optional[int] = None,
+             crop_pct: Optional[float] = None) -> ValidationResult:
     """Classify every image under ``root/<class>/`` and score the answers.
 
     Unreadable images are skipped and listed in ``failures``. ``forward`` replaces the model for the
     forward pass (any callable from an NCHW float tensor to logits); ``model`` still gives the input
-    transform and the classes.
+    transform and the classes. ``image_size`` and ``crop_pct`` override the model's evaluation size and
+    center-crop fraction (e.g. to score it at the size it will be deployed at).
     """
     folders = folder_classes(root)
     folder_to_class = map_folders_to_classes(folders, model)
-    dataset = LabelledImageFolder(root, transform=build_eval_transform(model), class_to_idx=folder_to_class)
+    transform = build_eval_transform(model, image_size=image_size, crop_pct=crop_pct)
+    dataset = LabelledImageFolder(root, transform=transform, class_to_idx=folder_to_class)
     if len(dataset) == 0:
         raise MixNetError(f"{root}: no image files in the class folders")
     num_classes = num_classes_of(model)

@@ -152,7 +152,7 @@ def build_data(config: TrainConfig, runtime: Runtime, class_names: List[str],
         randaugment_ops=cfg.randaugment_ops, randaugment_magnitude=cfg.randaugment_magnitude,
         randaugment_std=cfg.randaugment_std, random_erasing=cfg.random_erasing,
         interpolation=cfg.interpolation, mean=normalization["mean"], std=normalization["std"]))
-    eval_transform = build_eval_transform(normalization, input_size=(3, cfg.eval_size, cfg.eval_size),
+    eval_transform = build_eval_transform(normalization, image_size=cfg.eval_size,
                                           crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation)
     val_set = LabelledImageFolder(val_dir, class_to_idx=class_to_idx, transform=eval_transform)
     if len(val_set) == 0:
