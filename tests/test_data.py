@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision import transforms
 
 from mixnet import create_model
 from mixnet.data.images import (ImageList, ImageLoadError, LabelledImageFolder, FailedSample, build_eval_transform,
@@ -310,3 +311,24 @@ def test_labelled_folder_errors(tmp_path):
         LabelledImageFolder(tmp_path / "nope")
     with pytest.raises(MixNetError, match="no class folders"):
         LabelledImageFolder(tmp_path)
+
+
+def test_a_long_thin_image_is_cut_to_the_middle_before_the_resize(our_transform):
+    cut = our_transform.transforms[0]  # mixnet_s: resized to 256 px, cut beyond 16 million pixels
+    photo = Image.fromarray(photo_like(900, 17))
+    assert cut(photo) is photo  # what fits passes unchanged (timm parity above, 17 x 900 included)
+    assert cut(Image.new("RGB", (400_000, 1))).size == (35, 1)  # the resize would make 102 million pixels
+    thin = Image.fromarray(photo_like(20, 5_000))  # 256 x 64,000 once resized
+    assert cut(thin).size == (20, 92)
+    # What the crop keeps is the same as without the cut, up to the resize's sub-pixel grid.
+    plain = transforms.Compose(our_transform.transforms[1:])
+    assert (our_transform(thin) - plain(thin)).abs().mean() < 0.05
+
+
+def test_a_folder_link_to_its_parent_lists_each_image_once(tmp_path):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("photos/1.jpg", "photos/sub/2.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "photos" / "sub" / "up").symlink_to(tmp_path / "photos")
+    files = list_image_files(tmp_path / "photos")
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["photos/1.jpg", "photos/sub/2.jpg"]

@@ -223,3 +223,11 @@ def test_validate_matches_timm_on_imagenette(tmp_path):
     result = validate(ours, root, batch_size=4, progress=False)
     assert result.num_images == len(files)
     assert result.top1 == pytest.approx(top1) and result.top5 == pytest.approx(top5)
+
+
+def test_cli_validate_out_to_a_folder_is_refused_before_the_model_loads(labelled, tmp_path, capsys, monkeypatch):
+    from mixnet import cli
+
+    monkeypatch.setattr(cli, "inference_model", lambda args: pytest.fail("the model loaded"))
+    assert main(["validate", str(labelled), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"mixnet validate: error: --out {tmp_path}: is a directory; give a file path"

@@ -1,5 +1,7 @@
 """Exported files (TorchScript for every variant, ONNX via onnxruntime, pt2) reproduce the eval model."""
 
+import json
+
 import pytest
 import torch
 
@@ -94,3 +96,18 @@ def test_export_check_scales_with_the_logits(tmp_path):
     relative = compare_with_model(load_exported(result.path), model, QUICK_CHECK, relative=True)
     assert result.max_diff < TOLERANCE and relative < TOLERANCE
     assert absolute > relative
+
+
+def test_cli_export_output_folder_is_refused_before_exporting_and_unchecked_json_is_strict(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from mixnet.deploy import export
+
+    (tmp_path / "folder.onnx").mkdir()
+    monkeypatch.setattr(export, "export_model", lambda *a, **k: pytest.fail("exported to a folder"))
+    assert main(["export", "mixnet_s", "--random-weights", "-o", str(tmp_path / "folder.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"mixnet export: error: --output {tmp_path / 'folder.onnx'}: is a directory; give a file path"
+    monkeypatch.undo()
+    assert main(["export", "mixnet_s", "--random-weights", "-o", str(tmp_path / "s.ts"), "--no-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert report["max_diff"] is None and report["checked_shapes"] == []

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from mixnet.errors import MixNetError
 from mixnet.fileio import atomic_write
 
 
@@ -34,3 +35,14 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_path_that_is_a_folder_or_below_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep")
+    for target, problem in ((tmp_path / "folder", "is a directory"),
+                            (tmp_path / "file" / "out.json", "is a file, not a directory")):
+        with pytest.raises(MixNetError, match=f"^output {target}: .*{problem}"):
+            with atomic_write(target, "w") as f:
+                f.write("x")
+    assert (tmp_path / "file").read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["file", "folder"]

@@ -222,3 +222,38 @@ def logits_of(model, files):
     transform = build_eval_transform(model)
     with torch.no_grad():
         return model.eval()(torch.stack([transform(load_image(f)) for f in files]))
+
+
+def test_predict_reports_a_truncated_in_memory_image_and_classifies_the_rest(colour_model, images, tmp_path):
+    Image.effect_noise((64, 64), 60).convert("RGB").save(tmp_path / "whole.png")  # incompressible
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    answers = predict(colour_model, [Image.open(tmp_path / "cut.png"), images / "b_green.jpg"])
+    assert not answers[0].ok and "truncated" in answers[0].error and answers[0].source == "<image 0>"
+    assert answers[1].top[0].name == "green"
+
+
+@pytest.mark.parametrize("flag,value,problem", [("--image-size", "16", "must be at least 32, got 16"),
+                                                ("--workers", "-1", "must be at least 0, got -1"),
+                                                ("--workers", "two", "invalid int value: 'two'")])
+def test_cli_predict_refuses_sizes_the_network_cannot_take_and_negative_workers(images, capsys, flag, value,
+                                                                                problem):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(images), flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"mixnet predict: error: argument {flag}: {problem}"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise OSError("not a file")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["info", "mixnet_s"]) == 141  # as a program killed by SIGPIPE, without a traceback

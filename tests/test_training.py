@@ -8,6 +8,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,9 +238,9 @@ def test_a_compiled_trainer_leaves_dynamo_room_for_a_graph_per_progressive_size(
     """--compile keeps static shapes (one graph per training size, so a resumed run gets the uninterrupted
     run's kernels); dynamo falls back to eager after ``recompile_limit`` graphs, 8 by default."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    config = tiny_config(data, tmp_path, compile=True, epochs=40, train_size=128, min_train_size=16)
+    config = tiny_config(data, tmp_path, compile=True, epochs=40, train_size=128, min_train_size=32)
     Trainer(config, setup_runtime("cpu", 1))
-    sizes = {progressive_size(e, 40, 16, 128) for e in range(40)}
+    sizes = {progressive_size(e, 40, 32, 128) for e in range(40)}
     assert len(sizes) > 8 and torch._dynamo.config.recompile_limit > len(sizes)
 
 
@@ -278,6 +280,82 @@ def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("setting,message", [
+    ({"opt": "adam"}, "unknown opt 'adam'"), ({"sched": "onecycle"}, "unknown sched 'onecycle'"),
+    ({"interpolation": "lanczos"}, "unknown interpolation 'lanczos'"), ({"device": "gpu"}, "unknown device 'gpu'"),
+    ({"model": "mixnet_q"}, "unknown model 'mixnet_q'"), ({"model_args": {"depth": 2}}, "unknown argument"),
+    ({"scale": (0.9, 0.1)}, "scale must be two crop areas"), ({"label_smoothing": 1.5}, "label_smoothing must"),
+    ({"train_size": 16}, "train_size must be >= 32"), ({"workers": -1}, "workers must be >= 0"),
+    ({"threads": 0}, "threads must be >= 1"), ({"randaugment_magnitude": 20}, "randaugment_magnitude must"),
+    ({"output": "a-file"}, "is a file, not a run directory")])
+def test_settings_that_cannot_work_are_refused_before_the_run_starts(data, tmp_path, setting, message):
+    (tmp_path / "a-file").write_text("not a run")
+    setting = dict(setting)
+    output = tmp_path / setting.pop("output", "run")
+    with pytest.raises(MixNetError, match=re.escape(message)):
+        train(tiny_config(data, output, **setting))
+    assert not (tmp_path / "run").exists() and (tmp_path / "a-file").read_text() == "not a run"
+
+
+def test_a_run_that_failed_before_its_first_update_may_be_started_again(data, tmp_path, monkeypatch):
+    from mixnet.training import loop as training
+
+    def broken_step(self, micro):
+        raise RuntimeError("a setting that breaks the first step")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Trainer, "step", broken_step)
+        with pytest.raises(RuntimeError):
+            train(tiny_config(data, run, epochs=1))
+    assert load_checkpoint(run / LAST).global_update == 0  # what a fixed command finds there
+    assert train(tiny_config(data, run, epochs=1)).completed
+
+
+def test_resume_refuses_another_model_or_optimizer_and_fewer_epochs_than_trained(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=2))
+    for change, message in (({"opt": "sgd"}, "opt cannot change when resuming"),
+                            ({"model_args": {}}, "model_args cannot change when resuming"),
+                            ({"epochs": 1}, "--epochs 1 is fewer than the 2 epochs already trained")):
+        with pytest.raises(MixNetError, match=re.escape(message)):
+            resume_training(str(run), **change)
+    capsys.readouterr()
+    result = resume_training(str(run))
+    assert result.completed and result.epochs_done == 2
+    assert "has already trained all 2 epochs" in capsys.readouterr().err
+
+
+def test_a_stop_signal_checkpoints_the_update_reached_and_the_run_resumes_exactly(data, tmp_path, monkeypatch):
+    from mixnet.training import loop as training
+
+    settings = dict(epochs=2, checkpoint_minutes=0)  # no periodic checkpoints: only the signal saves
+    reference = tmp_path / "reference"
+    train(tiny_config(data, reference, **settings))
+    real_step = training.Trainer.step
+
+    def step_then_ctrl_c(self, micro):
+        result = real_step(self, micro)
+        if self.global_update == 12 + 2:  # epoch 2, third update
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    run = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Trainer, "step", step_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(data, run, **settings))
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handlers are gone with it
+    state = load_checkpoint(run / LAST)
+    assert (state.epoch, state.update, state.global_update) == (1, 3, 15)
+    resume_training(str(run))
+    ours, theirs = load_checkpoint(run / LAST), load_checkpoint(reference / LAST)
+    for name, tensor in theirs.state_dict.items():
+        assert torch.equal(ours.state_dict[name], tensor), name
+    assert [r["train_loss"] for r in ours.history] == [r["train_loss"] for r in theirs.history]
+
+
 def test_train_refuses_to_overwrite_a_run(data, tmp_path, monkeypatch):
     allow_bf16(monkeypatch)
     run = tmp_path / "run"  # also exercises accumulation, clipping, bf16 autocast and cutmix
@@ -311,6 +389,7 @@ def test_progressive_resizing_starts_small_grows_through_the_middle_and_ends_at_
         if epochs >= 20:
             assert len(set(sizes)) == 5, sizes  # 96, 104, ..., 128: the middle half passes every step
     assert [progressive_size(e, 5, None, 128) for e in range(5)] == [128] * 5
+    assert progressive_size(0, 1, 96, 128) == 128  # a one-epoch run ends, so trains, at the full size
 
 
 def test_a_progressive_run_feeds_the_network_the_scheduled_sizes_and_records_them(data, tmp_path):
@@ -326,9 +405,9 @@ def test_a_progressive_run_feeds_the_network_the_scheduled_sizes_and_records_the
     assert [int(r["train_size"]) for r in read_metrics(tmp_path / "run")] == [32, 32, 48, 48]
 
 
-@pytest.mark.parametrize("size", [8, 64])
-def test_a_progressive_start_outside_16_to_train_size_is_refused(data, tmp_path, size):
-    with pytest.raises(MixNetError, match=rf"^min_train_size must be between 16 and train_size \(48\), got {size}$"):
+@pytest.mark.parametrize("size", [16, 64])
+def test_a_progressive_start_outside_32_to_train_size_is_refused(data, tmp_path, size):
+    with pytest.raises(MixNetError, match=rf"^min_train_size must be between 32 and train_size \(48\), got {size}$"):
         train(tiny_config(data, tmp_path / "run", train_size=48, min_train_size=size))
     assert not (tmp_path / "run").exists()
 
@@ -447,6 +526,13 @@ def test_val_class_missing_from_train_is_reported_and_not_scored(tmp_path, capsy
     assert load_checkpoint(run / LAST).class_names == ["class0", "class1", "class2"]
 
 
+def test_a_training_class_missing_from_val_is_reported(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    shutil.rmtree(root / "val" / "class2")
+    train(tiny_config(root, tmp_path / "run", epochs=1))
+    assert "1 training class(es) have no folder in" in capsys.readouterr().err
+
+
 def test_a_single_class_or_missing_folders_are_refused(tmp_path):
     root = make_dataset(tmp_path / "one", classes=COLOURS[:1])
     with pytest.raises(MixNetError, match="at least 2"):
@@ -561,3 +647,4 @@ def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
     assert f"ra: {TrainConfig.from_recipe('ra').epochs}" in epochs_line
     assert f"small-data: {TrainConfig.from_recipe('small-data').epochs}" in epochs_line
     assert "finetune" not in epochs_line  # the finetune recipe keeps the generic default
+    assert "[--ema | --no-ema]" in help_text and "--opt {sgd,adamw,rmsproptf,muon}" in help_text

@@ -6,9 +6,11 @@ Exit codes: 0 success, 1 the job ran but some inputs failed, 2 usage or input er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -95,8 +97,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", help="architecture or weights tag (default: the built-in "
                                                    "mixnet_s.imagenette)")
     p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights file, hub folder, run directory or tag")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                   help="image loading processes (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="image loading processes (0: in this process; default: %(default)s)")
     add_backend_arguments(p)
 
 
@@ -118,8 +120,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 
 def add_preprocessing_arguments(p: argparse.ArgumentParser) -> None:
     """Overrides of the evaluation transform the model's config gives (predict, validate)."""
-    p.add_argument("--image-size", type=positive_int, metavar="PX",
-                   help="side of the square input in pixels (default: the model's own)")
+    p.add_argument("--image-size", type=input_size, metavar="PX",
+                   help="side of the square input in pixels, at least 32 (default: the model's own)")
     p.add_argument("--crop-pct", type=crop_fraction, metavar="F",
                    help="center-crop fraction: photos are resized to PX/F before the crop (default: the model's own)")
 
@@ -131,11 +133,18 @@ def crop_fraction(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+positive_int, non_negative_int = at_least(1), at_least(0)
+input_size = at_least(32)  # MixNet's five stride-2 layers take 32 pixels to 1 (models.network.MIN_INPUT_SIZE)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,9 +177,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.images import folder_classes
     from .inference.validate import validate
-    from .fileio import atomic_write
+    from .fileio import atomic_write, check_writable_file
 
     folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
+    if args.out:
+        check_writable_file(args.out, "--out")
     model, forward = inference_model(args)
     result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
                       progress=True, image_size=args.image_size, crop_pct=args.crop_pct)
@@ -228,11 +239,14 @@ def export_source_model(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_model, format_from_path
 
+    from .fileio import check_writable_file
+
     fmt = args.format or format_from_path(args.output)
+    check_writable_file(args.output, "--output")
     result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
                           check=not args.no_check)
     report = dict(path=str(result.path), format=result.format, size_bytes=result.size_bytes,
-                  max_diff=result.max_diff, checked_shapes=[list(s) for s in result.checked_shapes])
+                  max_diff=result.max_diff if result.checked_shapes else None, checked_shapes=[list(s) for s in result.checked_shapes])
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -347,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantized model folder (hub folder + INT8 graph): use as --model")
     p.add_argument("--backend", choices=INT8_BACKENDS, default=DEFAULT_INT8_BACKEND,
                    help="openvino (NNCF; pip install 'mixnet[openvino]') or onnxruntime (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                   help="image loading processes (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="image loading processes (0: in this process; default: %(default)s)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("benchmark", help="images/s, latency and memory; side by side with timm")
@@ -409,14 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the command line shows them: the message, not the source line that raised it."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         return args.func(args)
     except MixNetError as e:
         print(f"mixnet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`mixnet ... | head`): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        warnings.formatwarning = formatwarning

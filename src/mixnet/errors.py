@@ -4,6 +4,8 @@
 class MixNetError(Exception):
     """A problem with the user's input (a file, a name, an argument), stated in one line."""
 
+    exit_code = 2  # the command line's status for it; failures that are not the input's set their own
+
 
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (library errors often run to many), else its type."""

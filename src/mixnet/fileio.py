@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
 
+from .errors import MixNetError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 CACHE_DIR_ENV = "MIXNET_CACHE_DIR"
@@ -28,6 +30,19 @@ def _umask() -> int:
     return mask
 
 
+def check_writable_file(path: PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output path that a file cannot be written to: a directory, or a path
+    below an existing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MixNetError(f"{what} {path}: is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MixNetError(f"{what} {path}: {parent} is a file, not a directory")
+            break
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``.
@@ -35,6 +50,7 @@ def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO
     On any error (a full disk included) the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    check_writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

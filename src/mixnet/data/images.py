@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from ..errors import MixNetError
+from ..errors import MixNetError, first_line
 from ..fileio import PathLike
 
 # Lower-case suffixes of the formats we load; matched case-insensitively.
@@ -125,8 +125,11 @@ def list_image_files(paths: Union[PathLike, Iterable[PathLike]], recursive: bool
         if p.is_dir():
             found = []
             walker = os.walk(p, followlinks=True) if recursive else [(str(p), [], os.listdir(p))]
+            seen = {os.path.realpath(p)}  # linked folders are followed once: a link to a parent is a loop
             for dirpath, dirnames, filenames in walker:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                               and os.path.realpath(os.path.join(dirpath, d)) not in seen]
+                seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
                 found += [Path(dirpath, f) for f in filenames
                           if not f.startswith(".") and is_image_file(f) and os.path.isfile(os.path.join(dirpath, f))]
             files += sorted(found)
@@ -157,6 +160,32 @@ def eval_resize_size(image_size: int, crop_pct: float) -> int:
     return int(math.floor(image_size / crop_pct))
 
 
+class LimitResizedArea:
+    """Cut a very long, thin image down to its middle when resizing its shorter side to ``resize`` px
+    would make more than ``max_pixels``.
+
+    A 400,000 x 1 image (a few hundred bytes, far below the decompression-bomb limit) would otherwise
+    become 80 million pixels, gigabytes, of which the center crop keeps a square. Only the middle (the
+    short side, plus a margin wider than the resampling filter reaches) can reach the crop. Images whose
+    resized form fits, every photo included, pass unchanged, so the transform stays exactly timm's.
+    """
+
+    def __init__(self, resize: int, max_pixels: int = 16_000_000):
+        self.resize, self.max_pixels = resize, max_pixels
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        short, long = min(width, height), max(width, height)
+        keep = 3 * short + 32
+        if self.resize * self.resize * long / short <= self.max_pixels or long <= keep:
+            return img
+        start = (long - keep) // 2
+        return img.crop((start, 0, start + keep, height) if width > height else (0, start, width, start + keep))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, max_pixels={self.max_pixels})"
+
+
 def build_eval_transform(cfg: Any, *, image_size: Optional[int] = None, crop_pct: Optional[float] = None,
                          interpolation: Optional[str] = None, mean: Optional[Sequence[float]] = None,
                          std: Optional[Sequence[float]] = None) -> Callable[[Image.Image], torch.Tensor]:
@@ -185,6 +214,7 @@ def build_eval_transform(cfg: Any, *, image_size: Optional[int] = None, crop_pct
         raise MixNetError(f"unknown interpolation {interpolation!r}; use one of "
                           f"{', '.join(m.value for m in InterpolationMode)}") from None
     return transforms.Compose([
+        LimitResizedArea(eval_resize_size(height, crop_pct)),
         transforms.Resize(eval_resize_size(height, crop_pct), interpolation=mode),
         transforms.CenterCrop(height),
         transforms.ToTensor(),
@@ -228,7 +258,11 @@ def collate(samples: Sequence[Any]) -> Batch:
 def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Callable], index: int) -> Any:
     """The transformed image, or a ``FailedSample`` when the file cannot be loaded."""
     if isinstance(source, Image.Image):
-        img = to_rgb(source)
+        try:
+            img = to_rgb(source)
+            img.load()
+        except (OSError, ValueError) as e:  # a truncated or undecodable image opened by the caller
+            return FailedSample(f"<image {index}>", first_line(e), index)
     else:
         try:
             img = load_image(source)

@@ -13,6 +13,13 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..errors import MixNetError
 
+OPTIMIZERS = ("sgd", "adamw", "rmsproptf", "muon")
+SCHEDULES = ("cosine", "linear", "step", "constant")
+# The values each of these settings accepts (the command line offers them as choices).
+CHOICES: Dict[str, Tuple[str, ...]] = dict(
+    opt=OPTIMIZERS, sched=SCHEDULES, amp=("none", "bf16", "fp16"), device=("auto", "cpu", "cuda"),
+    interpolation=("bilinear", "bicubic", "nearest"))
+
 
 @dataclass
 class TrainConfig:
@@ -91,6 +98,15 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # stop cleanly (checkpointed) after this long
     progress: bool = True
 
+    def __post_init__(self):
+        # Paths are kept as text: the run's config.json and checkpoints hold plain JSON values.
+        for name in ("data", "train_dir", "val_dir", "output", "pretrained"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                setattr(self, name, str(value))
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise MixNetError(f"unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
+
     @classmethod
     def from_recipe(cls, recipe: Optional[str] = None, **overrides) -> "TrainConfig":
         """The recipe's values over the defaults (those that follow the run's length computed for its
@@ -100,6 +116,8 @@ class TrainConfig:
             if recipe not in RECIPES:
                 raise MixNetError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
             values.update(RECIPES[recipe], recipe=recipe)
+            if overrides.get("epochs", 1) < 1:
+                raise MixNetError(f"epochs must be >= 1, got {overrides['epochs']}")
             if recipe in BUDGET_RULES:
                 values.update(BUDGET_RULES[recipe](overrides.get("epochs", values["epochs"])))
         values.update(overrides)
@@ -253,12 +271,11 @@ def add_arguments(parser) -> None:
         flag = "--" + f.name.replace("_", "-")
         shown = _option_help(f.name, getattr(defaults, f.name))
         if f.type == "bool":
-            group.add_argument(flag, action="store_true", default=None, help=shown)
-            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif f.type.startswith("Tuple"):
             group.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=shown)
         else:
-            group.add_argument(flag, type=_PARSERS[f.type], default=None, help=shown)
+            group.add_argument(flag, type=_PARSERS[f.type], choices=CHOICES.get(f.name), default=None, help=shown)
 
 
 def overrides_from_args(args) -> Dict[str, Any]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -28,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MixNetError
-from ..factory import create_model, fill
+from ..factory import create_model, fill, resolve_config
 from ..pretrained.checkpoint import read_checkpoint, save_pretrained
-from .config import TrainConfig
+from .config import CHOICES, TrainConfig
 from .distributed import (Runtime, all_reduce, any_process, average_buffers, rng_state, set_rng_state,
                           setup_runtime, shutdown)
 from .optimizers import LRSchedule, ModelEma, create_optimizer, set_lr
@@ -52,6 +54,8 @@ class TrainResult:
 class NonFiniteLoss(MixNetError):
     """The loss became NaN or infinite: training diverged."""
 
+    exit_code = 1  # the run failed; the settings were valid
+
 
 class Trainer:
     """One run: the model with its optimiser, EMA and data, and where training stands."""
@@ -61,6 +65,7 @@ class Trainer:
         self.config, self.runtime = config, runtime
         self.run_dir = Path(cfg.output)
         self.reported_failures: Set[str] = set()
+        self.interrupted: Optional[int] = None  # the stop signal received (SIGINT, SIGTERM), if any
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -157,6 +162,32 @@ class Trainer:
     # --- the loop
 
     def run(self) -> TrainResult:
+        with self.stop_signals_checkpoint():
+            return self._run()
+
+    @contextmanager
+    def stop_signals_checkpoint(self):
+        """Ctrl-C or SIGTERM (what schedulers and ``timeout`` send) stop the run at the next update with a
+        checkpoint, rather than losing the updates since the last one; a second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum, frame):
+            if self.interrupted is not None:
+                raise KeyboardInterrupt
+            self.interrupted = signum
+            self.log(f"{signal.Signals(signum).name}: saving a checkpoint at the next update, then stopping "
+                     f"(again to stop at once)")
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run(self) -> TrainResult:
         cfg, rt = self.config, self.runtime
         self.started = time.monotonic()
         deadline = self.started + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -171,6 +202,10 @@ class Trainer:
                      f"{self.data.updates_per_epoch} updates, global batch {self.global_batch}, lr {self.lr:.3g}, "
                      f"on {rt.world_size} x {rt.device.type}; run directory {self.run_dir}")
             self.save()  # a valid checkpoint exists from the very start
+        elif self.epoch >= cfg.epochs:
+            self.log(f"{self.run_dir} has already trained all {cfg.epochs} epochs; give --epochs to train "
+                     f"longer")
+            return self.result(completed=True)
         else:
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, update {self.update}")
         while self.epoch < cfg.epochs:
@@ -208,20 +243,23 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 torch.manual_seed(mix_seed(cfg.seed, self.global_update, rt.rank, 0xD40))
                 micro = [next(batches) for _ in range(cfg.accum_steps)]
-                for b in micro:
-                    self.report_failures(b.failures)
-                    totals.bad_images += len(b.failures)
                 now = time.monotonic()
-                empty, save_due, stop_due = any_process(
+                empty, save_due, stop_due, interrupted = any_process(
                     [any(len(b.images) == 0 for b in micro),
                      rt.is_main and cfg.checkpoint_minutes > 0 and now - last_save > cfg.checkpoint_minutes * 60,
-                     rt.is_main and deadline is not None and now > deadline], rt)
-                if stop_due:
+                     rt.is_main and deadline is not None and now > deadline, self.interrupted is not None], rt)
+                if stop_due or interrupted:
                     totals.train_seconds += time.monotonic() - t0
                     self.save()
-                    self.log(f"stopped after {cfg.max_minutes} minutes at epoch {self.epoch + 1}, update "
-                             f"{self.update}; resume with: mixnet train --resume {self.run_dir}")
+                    why = "interrupted" if interrupted else f"stopped after {cfg.max_minutes} minutes"
+                    self.log(f"{why} at epoch {self.epoch + 1}, update {self.update} (checkpointed); resume "
+                             f"with: mixnet train --resume {self.run_dir}")
+                    if interrupted:
+                        raise KeyboardInterrupt
                     return False
+                for b in micro:  # counted here, after the stop: a resumed run draws a stopped batch again
+                    self.report_failures(b.failures)
+                    totals.bad_images += len(b.failures)
                 if not empty:
                     loss_sum, samples = self.step(micro)
                     totals.loss_sum += loss_sum
@@ -267,7 +305,7 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the training loss became NaN/infinite at epoch {self.epoch + 1}, update {self.update + 1}: "
                 f"training diverged; {self.run_dir / LAST} keeps the last good state (epoch {self.epoch}). "
-                f"Try a lower --lr, --clip-grad 1.0 or --amp none")
+                f"Try a lower --lr or --clip-grad 1.0{' or --amp none' if cfg.amp != 'none' else ''}")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.clip_grad:
@@ -306,12 +344,16 @@ class Trainer:
                 self.log(f"warning: skipped unreadable image {failure.path}: {failure.problem}")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+    def evaluate(self, model: nn.Module, name: str = "") -> Dict[str, float]:
+        from tqdm import tqdm
+
         rt = self.runtime
         model.eval()
         k = min(5, len(self.class_names))
         loss_sum, top1, top5, count, bad = 0.0, 0.0, 0.0, 0.0, 0.0
-        for batch in self.data.val_loader:
+        for batch in tqdm(self.data.val_loader, desc=f"validating {name}".strip(), unit="batch", leave=False,
+                          dynamic_ncols=True, disable=not (self.config.progress and rt.is_main),
+                          mininterval=1.0 if sys.stderr.isatty() else 30.0):
             self.report_failures(batch.failures)
             bad += len(batch.failures)
             if len(batch.images) == 0:
@@ -348,7 +390,7 @@ class Trainer:
                 if model is None:
                     continue
                 average_buffers(model, rt)
-                scores = self.evaluate(model)
+                scores = self.evaluate(model, f"{source} weights")
                 row.update({f"{prefix}_loss": scores["loss"], f"{prefix}_top1": scores["top1"],
                             f"{prefix}_top5": scores["top5"]})
                 if source == "raw":
@@ -407,11 +449,50 @@ def epoch_line(row: Dict[str, Any], epochs: int) -> str:
     return ", ".join(parts)
 
 
-def check_config(config: TrainConfig, runtime: Runtime) -> None:
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot work, before any data is read or a run directory is written."""
+    from ..models.network import MIN_INPUT_SIZE
+
     if config.output is None:
         raise MixNetError("no run directory: give --output RUN_DIR")
-    if config.amp not in ("none", "bf16", "fp16"):
-        raise MixNetError(f"unknown amp mode {config.amp!r} (use none, bf16 or fp16)")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise MixNetError(f"--output {config.output}: is a file, not a run directory")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise MixNetError(f"unknown {name} {getattr(config, name)!r} (use one of {', '.join(allowed)})")
+    try:
+        resolve_config(config.model, **config.model_args)
+    except (ValueError, TypeError) as e:
+        raise MixNetError(str(e)) from None
+    for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+        if getattr(config, name) < 1:
+            raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("train_size", "eval_size"):
+        if getattr(config, name) < MIN_INPUT_SIZE:
+            raise MixNetError(f"{name} must be >= {MIN_INPUT_SIZE} (MixNet's smallest input), "
+                              f"got {getattr(config, name)}")
+    if config.min_train_size is not None and not MIN_INPUT_SIZE <= config.min_train_size <= config.train_size:
+        raise MixNetError(f"min_train_size must be between {MIN_INPUT_SIZE} and train_size "
+                          f"({config.train_size}), got {config.min_train_size}")
+    for name, low, high in (("sched_hold", 0, 1), ("opt_beta2", 0, 1), ("label_smoothing", 0, 1)):
+        if not low <= getattr(config, name) < high:
+            raise MixNetError(f"{name} must be in [{low}, {high}), got {getattr(config, name)}")
+    for name, high in (("hflip", 1), ("mix_prob", 1), ("random_erasing", 1), ("randaugment_magnitude", 10)):
+        if not 0 <= getattr(config, name) <= high:
+            raise MixNetError(f"{name} must be in [0, {high}], got {getattr(config, name)}")
+    (low, high), (ratio_low, ratio_high) = config.scale, config.ratio
+    if not 0 < low <= high <= 1:
+        raise MixNetError(f"scale must be two crop areas 0 < LOW <= HIGH <= 1, got {low} {high}")
+    if not 0 < ratio_low <= ratio_high:
+        raise MixNetError(f"ratio must be two aspect ratios 0 < LOW <= HIGH, got {ratio_low} {ratio_high}")
+    if config.workers < 0:
+        raise MixNetError(f"workers must be >= 0, got {config.workers}")
+    if config.threads is not None and config.threads < 1:
+        raise MixNetError(f"threads must be >= 1, got {config.threads}")
+
+
+def check_runtime(config: TrainConfig, runtime: Runtime) -> None:
+    """Refuse settings this machine cannot run."""
     if config.amp == "fp16" and runtime.device.type != "cuda":
         raise MixNetError("amp fp16 needs a GPU; on CPU use --amp bf16 or none")
     if config.amp == "bf16" and runtime.device.type == "cpu":
@@ -421,15 +502,6 @@ def check_config(config: TrainConfig, runtime: Runtime) -> None:
     if config.sync_bn and runtime.distributed and runtime.device.type != "cuda":
         raise MixNetError("--sync-bn needs GPUs (torch's SyncBatchNorm is GPU-only); on CPU, BatchNorm "
                           "statistics are averaged over processes before each evaluation instead")
-    for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
-        if getattr(config, name) < 1:
-            raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("sched_hold", "opt_beta2"):
-        if not 0 <= getattr(config, name) < 1:
-            raise MixNetError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.min_train_size is not None and not 16 <= config.min_train_size <= config.train_size:
-        raise MixNetError(f"min_train_size must be between 16 and train_size ({config.train_size}), "
-                          f"got {config.min_train_size}")
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -437,11 +509,16 @@ def train(config: TrainConfig) -> TrainResult:
 
     Refuses to overwrite a run directory that already holds a checkpoint: use ``resume`` for that.
     """
+    check_config(config)
     runtime = setup_runtime(config.device, config.threads)
-    check_config(config, runtime)
-    if (Path(config.output) / LAST).exists():
-        raise MixNetError(f"{config.output}: already holds a training run; resume it with "
-                          f"--resume {config.output}, or choose another --output")
+    check_runtime(config, runtime)
+    last = Path(config.output) / LAST
+    if last.exists():
+        state = load_checkpoint(last)
+        if state.epoch > 0 or state.update > 0:
+            raise MixNetError(f"{config.output}: already holds a training run; resume it with "
+                              f"--resume {config.output}, or choose another --output")
+        # It failed before its first update (a setting that broke the first step): nothing to keep.
     return _run(config, runtime, None)
 
 
@@ -457,6 +534,8 @@ def _run(config: TrainConfig, runtime: Runtime, state: Optional[TrainState]) -> 
 # then ends at the new last epoch), so the weights differ from those of the original run.
 RESUME_SAFE = {"workers", "progress", "checkpoint_minutes", "max_minutes", "eval_every", "data",
                "train_dir", "val_dir", "output", "device", "threads"}
+# Settings the checkpoint's tensors are shaped by: the weights and optimizer state would not load.
+RESUME_FIXED = {"model", "model_args", "opt"}
 
 
 def resume(run_dir: str, **overrides) -> TrainResult:
@@ -469,6 +548,13 @@ def resume(run_dir: str, **overrides) -> TrainResult:
     if unknown:
         raise MixNetError(f"unknown training setting(s): {', '.join(unknown)}")
     changed = sorted(k for k, v in overrides.items() if values.get(k) != (list(v) if isinstance(v, tuple) else v))
+    fixed = [k for k in changed if k in RESUME_FIXED]
+    if fixed:
+        raise MixNetError(f"{run_dir}: {fixed[0]} cannot change when resuming (the run uses "
+                          f"{values.get(fixed[0])!r}); start a new run to train another")
+    if overrides.get("epochs", state.epoch) < state.epoch:
+        raise MixNetError(f"{run_dir}: --epochs {overrides['epochs']} is fewer than the {state.epoch} "
+                          f"epochs already trained")
     values.update(overrides)
     values["output"] = str(run_dir)
     config = TrainConfig.from_dict(values)
@@ -476,6 +562,7 @@ def resume(run_dir: str, **overrides) -> TrainResult:
     if risky:
         warnings.warn(f"resuming {run_dir} with changed settings {', '.join(risky)}: the result will differ "
                       f"from an uninterrupted run", stacklevel=2)
+    check_config(config)
     runtime = setup_runtime(config.device, config.threads)
-    check_config(config, runtime)
+    check_runtime(config, runtime)
     return _run(config, runtime, state)

@@ -14,6 +14,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+from .config import OPTIMIZERS, SCHEDULES
+
 
 class RMSpropTF(torch.optim.Optimizer):
     """RMSprop with TensorFlow's semantics, which differ from ``torch.optim.RMSprop`` in three ways:
@@ -134,9 +136,6 @@ class MuonAdamW(torch.optim.AdamW):
         return super().step()
 
 
-OPTIMIZERS = ("sgd", "adamw", "rmsproptf", "muon")
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     """Weight decay on conv and linear weights only: biases and BatchNorm parameters (1-d) are exempt."""
     decay, no_decay = [], []
@@ -169,9 +168,6 @@ def create_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float
     if name == "muon":
         return MuonAdamW(muon_groups(model, weight_decay), lr=lr, eps=eps, betas=(0.9, beta2))
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
-
-
-SCHEDULES = ("cosine", "linear", "step", "constant")
 
 
 @dataclass(frozen=True)

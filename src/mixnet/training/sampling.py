@@ -9,6 +9,7 @@ resumed mid-epoch sees exactly the batches the uninterrupted run would have seen
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Mapping, Optional, Tuple
@@ -84,7 +85,7 @@ def progressive_size(epoch: int, epochs: int, start: Optional[int], final: int) 
     ``final`` for the last quarter (in steps of 8 px, so that few shapes occur). Low-resolution epochs
     cost fewer pixels, and a full-size end leaves the network matched to the evaluation size.
     """
-    if start is None or start >= final:
+    if start is None or start >= final or epoch >= epochs - 1:
         return final
     t = min(max(((epoch + 0.5) / epochs - 0.25) / 0.5, 0.0), 1.0)
     if t >= 1.0:
@@ -122,10 +123,15 @@ def discover_classes(config: TrainConfig, log: Callable[[str], None]) -> List[st
     if len(classes) < 2:
         raise MixNetError(f"{train_dir}: {len(classes)} class folder(s) with images; training a classifier "
                           f"needs at least 2 ({train_dir}/<class>/<image files>)")
-    extra = [c for c in folder_classes(val_dir) if c not in classes]
+    val_classes = folder_classes(val_dir)
+    extra = [c for c in val_classes if c not in classes]
     if extra:
         log(f"warning: {len(extra)} class folder(s) of {val_dir} have no training images and are not "
             f"evaluated: {', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+    missing = [c for c in classes if c not in val_classes]
+    if missing:
+        log(f"warning: {len(missing)} training class(es) have no folder in {val_dir}, so validation "
+            f"scores the other classes only: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     return classes
 
 
@@ -139,6 +145,13 @@ class TrainData:
     train_loader: DataLoader
     val_loader: DataLoader  # this process's share of the validation images
     updates_per_epoch: int
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the trainer, which checkpoints before it stops (a
+    worker that died of the signal would fail the batches drawn meanwhile); they end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_data(config: TrainConfig, runtime: Runtime, class_names: List[str],
@@ -165,7 +178,7 @@ def build_data(config: TrainConfig, runtime: Runtime, class_names: List[str],
                           f"({cfg.batch_size} x {cfg.accum_steps} accumulation x {runtime.world_size} "
                           f"processes); lower --batch-size")
     loader_args = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=runtime.device.type == "cuda",
-                       persistent_workers=cfg.workers > 0)
+                       persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(SeededSamples(train_set), batch_size=cfg.batch_size, sampler=sampler,
                               drop_last=True, **loader_args)
     val_indices = list(range(runtime.rank, len(val_set), runtime.world_size))
