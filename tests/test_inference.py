@@ -257,3 +257,26 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
 
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["info", "mixnet_s"]) == 141  # as a program killed by SIGPIPE, without a traceback
+
+
+def test_predict_classifies_an_image_too_thin_to_resize_whole_and_the_rest(colour_model, images, tmp_path):
+    # 11 million x 1 pixels (11 KB of PNG): resized whole, its short side to the crop's, it would be
+    # billions of pixels wide, more than Pillow can make.
+    Image.new("RGB", (11_000_000, 1), (40, 200, 40)).save(tmp_path / "thin.png")
+    answers = predict(colour_model, [tmp_path / "thin.png", images / "a_red.png"])
+    assert [a.top[0].name for a in answers] == ["green", "red"]
+
+
+def test_an_image_the_transform_cannot_process_fails_alone(images):
+    from mixnet.data.images import FailedSample, ImageList
+
+    def fails_on_green(img):
+        if img.getpixel((0, 0))[1] > 150:
+            raise OverflowError("signed integer is greater than maximum")
+        return img.size
+
+    samples = ImageList([images / "b_green.jpg", images / "a_red.png"], fails_on_green)
+    assert samples[0] == FailedSample(str(images / "b_green.jpg"),
+                                      "cannot be preprocessed: signed integer is greater than maximum", 0)
+    assert samples[1] == (Image.open(images / "a_red.png").size, 1)
+

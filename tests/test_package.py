@@ -184,3 +184,21 @@ def test_every_mixnet_command_in_the_readme_parses():
             parser.parse_args(words)
         except SystemExit as e:
             pytest.fail(f"README: `mixnet {' '.join(words)}` does not parse (exit {e.code})")
+
+
+@pytest.mark.parametrize("command,option,value,interval", [
+    (["export", "mixnet_s", "-o", "x.ts"], "--tolerance", "nan", "(0, inf)"),
+    (["quantize", "m", "--calibration", "c", "-o", "q"], "--min-agreement", "150", "[0, 100]"),
+    (["quantize", "m", "--calibration", "c", "-o", "q"], "--min-agreement", "-1", "[0, 100]"),
+    (["serve"], "--batch-timeout-ms", "30000", "[0, 30000)"),
+    (["serve"], "--max-body-mb", "0", "(0, inf)"),
+    (["predict", "x.jpg"], "--crop-pct", "0", "(0, 1]")])
+def test_a_number_outside_what_an_option_means_is_a_usage_error_naming_the_range(capsys, command, option, value,
+                                                                                  interval):
+    from mixnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, option, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"argument {option}: must be in {interval}, got {value}")
+

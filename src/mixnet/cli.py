@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -126,11 +127,25 @@ def add_preprocessing_arguments(p: argparse.ArgumentParser) -> None:
                    help="center-crop fraction: photos are resized to PX/F before the crop (default: the model's own)")
 
 
-def crop_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a number in the interval from ``low`` to ``high`` (open at either end); NaN is
+    in none."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ((value > low if low_open else value >= low) and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    parse.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
+crop_fraction = number_in(0, 1, low_open=True)
+positive_number = number_in(0, math.inf, low_open=True, high_open=True)
+percentage = number_in(0, 100)
+# LitServe answers 504 to a request that waits 30 s, so a batch must be sent well before that.
+batch_wait_ms = number_in(0, 30_000, high_open=True)
 
 
 def at_least(low: int):
@@ -337,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="FILE")
     p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights for the architecture NAME")
     p.add_argument("--random-weights", action="store_true", help="export the architecture NAME untrained")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=positive_number, default=1e-4,
                    help="largest logit difference from PyTorch accepted (default: %(default)g)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -355,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration photos, a fixed random sample (default: %(default)s)")
     p.add_argument("--check-images", type=positive_int, default=500, metavar="N",
                    help="held-back photos scored in fp32 and INT8 (default: %(default)s)")
-    p.add_argument("--min-agreement", type=float, default=98.0, metavar="PCT",
+    p.add_argument("--min-agreement", type=percentage, default=98.0, metavar="PCT",
                    help="least top-1 agreement with fp32 accepted, in percent (default: %(default)s)")
     p.add_argument("--output", "-o", required=True, metavar="DIR",
                    help="quantized model folder (hub folder + INT8 graph): use as --model")
@@ -400,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--max-batch-size", type=positive_int, default=16, metavar="N",
                    help="requests classified together (1: no batching; default: %(default)s)")
-    p.add_argument("--batch-timeout-ms", type=float, default=10, metavar="MS",
+    p.add_argument("--batch-timeout-ms", type=batch_wait_ms, default=10, metavar="MS",
                    help="longest wait for a batch to fill (default: %(default)s)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="inference processes, each with its own copy of the model (default: %(default)s)")
@@ -408,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch/onnxruntime threads in each inference process (default: (cores - 1) / workers, "
                         "at least 1: a core is left to the HTTP process)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes per answer (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=float, default=20, metavar="MB",
+    p.add_argument("--max-body-mb", type=positive_number, default=20, metavar="MB",
                    help="largest upload accepted (default: %(default)s)")
     add_backend_arguments(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",

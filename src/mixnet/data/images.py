@@ -268,7 +268,13 @@ def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Call
             img = load_image(source)
         except ImageLoadError as e:
             return FailedSample(e.path, e.problem, index)
-    return transform(img) if transform is not None else img
+    if transform is None:
+        return img
+    try:
+        return transform(img)
+    except Exception as e:  # noqa: BLE001 - one odd image (a shape the resize cannot make) fails alone
+        return FailedSample(str(source) if not isinstance(source, Image.Image) else f"<image {index}>",
+                            f"cannot be preprocessed: {first_line(e)}", index)
 
 
 def folder_classes(root: PathLike) -> List[str]:
