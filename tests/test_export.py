@@ -82,6 +82,9 @@ def test_cli_export_writes_a_checked_file(tmp_path, capsys):
     assert load_exported(out)(x).shape == (1, 1000)
     assert main(["export", "mixnet_q", "--random-weights", "-o", str(tmp_path / "q.ts")]) == 2
     assert "mixnet_q" in capsys.readouterr().err
+    assert main(["export", "mixnet_s", "--random-weights", "--weights", str(out), "-o", str(tmp_path / "r.ts")]) == 2
+    assert "--random-weights and --weights contradict each other" in capsys.readouterr().err
+    assert not (tmp_path / "r.ts").exists()
 
 
 def test_export_check_scales_with_the_logits(tmp_path):

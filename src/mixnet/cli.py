@@ -238,6 +238,8 @@ def export_source_model(args: argparse.Namespace):
     """The model ``mixnet export`` writes: random weights for an architecture with --random-weights,
     else whatever ``--weights`` / the NAME|RUN_DIR resolves to (a tag, file, hub folder or run)."""
     if args.random_weights:
+        if args.weights:
+            raise MixNetError("--random-weights and --weights contradict each other: give one")
         from .factory import create_model
         from .models.architectures import MODELS
 
