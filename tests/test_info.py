@@ -107,3 +107,33 @@ def test_cli_info_and_list(capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["model", "params", "MACs"]
     assert any(line.startswith("mixnet_s ") and "239.2M" in line and "ft_in1k" in line for line in table)
+
+
+def test_card_of_a_weights_tag_shows_that_tags_preprocessing_and_classes(capsys):
+    from mixnet.pretrained.checkpoint import PACKAGE_FILES
+
+    entry = WEIGHTS["mixnet_s.imagenette"]
+    shipped = json.loads((PACKAGE_FILES / entry.package_file).with_suffix(".json").read_text())["pretrained_cfg"]
+    card = model_card("mixnet_s.imagenette")
+    assert card["name"] == "mixnet_s" and card["weights"] == "mixnet_s.imagenette"
+    assert card["input_size"] == shipped["input_size"] == [3, 176, 176] and card["crop_size"] == 176
+    assert card["resize_size"] == int(176 / shipped["crop_pct"]) and card["num_classes"] == 10
+    with torch.device("meta"):
+        model = create_model("mixnet_s", num_classes=10).eval()
+    assert card["params"] == sum(p.numel() for p in model.parameters())  # a 10-class head, not 1000
+    assert card["macs"] == macs_by_hooks(model, (3, 176, 176))
+    assert model_card("mixnet_s.ft_in1k")["input_size"] == [3, 224, 224]
+    assert main(["info", "mixnet_s.imagenette"]) == 0
+    out = capsys.readouterr().out
+    assert "3x176x176" in out and "classes        10" in out
+
+
+def test_unknown_weights_tag_is_an_error_naming_the_known_tags(capsys):
+    with pytest.raises(MixNetError, match=r"unknown weights tag 'mixnet_s\.bogus' "
+                                          r"\(known: mixnet_s\.ft_in1k, mixnet_s\.imagenette\)"):
+        model_card("mixnet_s.bogus")
+    with pytest.raises(MixNetError, match=r"unknown weights tag 'mixnet_xxl\.x' \(mixnet_xxl has none published\)"):
+        model_card("mixnet_xxl.x")
+    assert main(["info", "mixnet_s.bogus"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("mixnet info: error: unknown weights tag 'mixnet_s.bogus'")

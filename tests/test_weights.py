@@ -5,12 +5,14 @@ timm is the oracle: files it writes must load here with equal logits, and ours m
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import http.server
 import io
 import json
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -362,6 +364,21 @@ def test_offline_with_nothing_cached(served_entry, server, monkeypatch):
     assert "offline" in message and not server.requests
 
 
+def test_unreachable_release_without_a_hub_copy_says_where_to_put_the_file(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline, but not told so
+    entry = WEIGHTS["mixnet_s.ft_in1k"]
+    assert entry.hf_sha256 is None  # the hub is no fallback for it: GitHub's failure is the last word
+    unreachable = "http://127.0.0.1:9/nowhere"  # the discard port: nothing listens, the connection is refused
+    with pytest.raises(MixNetError) as error:
+        load_model(entry.tag, cache_dir=tmp_path, url_base=unreachable, progress=False)
+    message = str(error.value)
+    assert f"cannot reach {unreachable}/{entry.filename}" in message and "\n" not in message
+    assert f"fetch {unreachable}/{entry.filename} yourself and put it at {tmp_path / entry.filename}" in message
+    assert cache_files(tmp_path) == []
+
+
 def test_dropped_connection_is_resumed_with_range(served_entry, server, reference, images):
     entry, cached = served_entry
     server.drops_left = 1
@@ -418,7 +435,10 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, writer):
     payload = {"conv_stem.weight": torch.zeros(1), "extra": RunsCode(marker)}
     with open(path, "wb") as f:
         torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f)
-    with pytest.raises(MixNetError, match=rf"{path}: refused: .*objects other than tensors"):
+    refused = rf"{path}: refused: .*objects other than tensors"
+    if writer == "torch.save":  # the global it would call is named (a raw pickle fails on an opcode first)
+        refused += r" .*\((io|builtins)\.open\)"  # RunsCode unpickles by calling open
+    with pytest.raises(MixNetError, match=refused):
         mixnet.create_model("mixnet_s", pretrained=path)
     assert not marker.exists()
 
@@ -471,7 +491,7 @@ def test_wrong_architecture_is_named(timm, tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("layout", ["bare", "state_dict", "state_dict_ema", "model", "ddp"])
+@pytest.mark.parametrize("layout", ["bare", "state_dict", "state_dict_ema", "model", "ddp", "saver"])
 def test_timm_checkpoint_layouts_load_with_equal_logits(tmp_path, timm_s, images, layout):
     weights = timm_s.state_dict()
     noise = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()}
@@ -481,6 +501,9 @@ def test_timm_checkpoint_layouts_load_with_equal_logits(tmp_path, timm_s, images
         "state_dict_ema": {"state_dict": noise, "state_dict_ema": weights},  # EMA preferred
         "model": {"model": weights},
         "ddp": {"state_dict": {f"module.{k}": v for k, v in weights.items()}},
+        # what timm's CheckpointSaver writes: the run's arguments ride along as an argparse.Namespace
+        "saver": {"epoch": 3, "arch": "mixnet_s", "state_dict": weights, "optimizer": {}, "version": 2,
+                  "args": argparse.Namespace(model="mixnet_s", lr=0.1, opt="rmsproptf"), "metric": 75.9},
     }[layout]
     path = tmp_path / "checkpoint.pth.tar"
     torch.save(checkpoint, path)
@@ -561,7 +584,9 @@ def test_features_only_takes_the_trunk(timm, tmp_path, timm_s, images):
 def test_bare_state_dict_needs_architecture_when_shapes_are_ambiguous(tmp_path, reference):
     path = tmp_path / "w.pth"
     torch.save(reference.state_dict(), path)
-    with pytest.raises(MixNetError, match="fit mixnet_s and tf_mixnet_s alike"):
+    with pytest.raises(MixNetError, match=rf"fit mixnet_s and tf_mixnet_s alike .*say which architecture "
+                                          rf"\(e\.g\. --model mixnet_s --weights {path}, or "
+                                          rf'architecture="mixnet_s" in Python\)'):
         load_model(path)
     assert load_model(path, architecture="mixnet_s").model_name == "mixnet_s"
     with pytest.raises(MixNetError, match="not a model name, a weights tag"):
@@ -635,3 +660,58 @@ def test_rescaled_architecture_round_trips_through_a_hub_folder(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_unknown_architecture_with_weights_is_an_input_error_named_before_the_file_is_read(tmp_path, capsys):
+    from mixnet.cli import main
+
+    missing = tmp_path / "missing.pth"  # never read: the name is checked first
+    with pytest.raises(MixNetError, match=r"unknown model 'bogus' \(known: mixnet_s,") as error:
+        load_model(missing, architecture="bogus")
+    assert isinstance(error.value, ValueError)  # what Python callers caught before
+    with pytest.raises(MixNetError, match="unknown argument.*width_multipler") as error:
+        mixnet.create_model("mixnet_s", width_multipler=2.0)
+    assert isinstance(error.value, TypeError)
+    example = Path(__file__).resolve().parents[1] / "examples" / "church.jpg"
+    assert main(["predict", str(example), "--model", "bogus", "--weights", str(missing), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixnet predict: error: unknown model 'bogus'") and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def small_hub_folder(tmp_path_factory):
+    """A hub folder as save_pretrained writes it, for a 3-class mixnet_s."""
+    return save_pretrained(mixnet.create_model("mixnet_s", num_classes=3), tmp_path_factory.mktemp("hub") / "m")
+
+
+# (field, wrong value, the problem the error states); a dotted field is one inside pretrained_cfg
+WRONG_HUB_CONFIG_FIELDS = [
+    ("pretrained_cfg.input_size", [3, 224], r"must be \[C, H, W\] .*, got \[3, 224\]"),
+    ("pretrained_cfg.input_size", [3, 16, 16], r"must be .*H and W at least 32"),
+    ("pretrained_cfg.input_size", "224", r"must be \[C, H, W\]"),
+    ("pretrained_cfg.crop_pct", "x", r'must be a number in \(0, 1\], got "x"'),
+    ("pretrained_cfg.crop_pct", 1.5, r"must be a number in \(0, 1\], got 1\.5"),
+    ("pretrained_cfg.mean", "abc", r'must be a list of 3 numbers \(one per channel\), got "abc"'),
+    ("pretrained_cfg.mean", [0.5, 0.5], r"must be a list of 3 numbers"),
+    ("pretrained_cfg.std", [0.2, 0.2, 0], r"must be a list of 3 positive numbers"),
+    ("pretrained_cfg.interpolation", 3, r"must be a string"),
+    ("pretrained_cfg.num_classes", 7, r"is 7 for a classifier of 3 classes"),
+    ("pretrained_cfg", [1, 2], r"must be a JSON object, got \[1, 2\]"),
+    ("label_names", "abc", r'must be a list of class names, got "abc"'),
+    ("num_classes", "3", r'is "3" for a classifier of 3 classes'),
+]
+
+
+@pytest.mark.parametrize("key, value, problem", WRONG_HUB_CONFIG_FIELDS,
+                         ids=[f"{key}={json.dumps(value)}" for key, value, _ in WRONG_HUB_CONFIG_FIELDS])
+def test_wrong_typed_hub_config_fields_are_one_line_errors_naming_the_field(small_hub_folder, tmp_path, key,
+                                                                             value, problem):
+    folder = tmp_path / "hub"
+    shutil.copytree(small_hub_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    *parents, leaf = key.split(".")
+    (config[parents[0]] if parents else config)[leaf] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MixNetError, match=rf"{folder / 'config.json'}: {re.escape(key)} {problem}") as error:
+        load_model(folder)
+    assert "\n" not in str(error.value)

@@ -22,22 +22,38 @@ from .models.network import MixNet, MixNetFeatures
 from .pretrained.checkpoint import Checkpoint, CheckpointMismatch, apply_checkpoint, read_checkpoint
 
 
+# Input errors, so the command line states them in one line; also the ValueError and TypeError that
+# Python callers caught before these existed.
+class UnknownModel(MixNetError, ValueError):
+    """A name that is no registered architecture."""
+
+
+class UnknownArgument(MixNetError, TypeError):
+    """An override that is no field of the architecture."""
+
+
 def list_models() -> List[str]:
     """Names accepted by ``create_model``."""
     return list(MODELS)
 
 
-def resolve_config(name: str, **overrides) -> MixNetConfig:
-    """The architecture registered under ``name``, with any ``MixNetConfig`` fields overridden."""
+def check_model_name(name: str) -> str:
+    """``name`` if it is a registered architecture, else ``UnknownModel`` with the close matches."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (known: {', '.join(MODELS)})")
+        raise UnknownModel(f"unknown model {name!r}{hint} (known: {', '.join(MODELS)})")
+    return name
+
+
+def resolve_config(name: str, **overrides) -> MixNetConfig:
+    """The architecture registered under ``name``, with any ``MixNetConfig`` fields overridden."""
+    check_model_name(name)
     fields = {f.name for f in dataclasses.fields(MixNetConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"unknown argument(s) for {name}: {', '.join(unknown)}; "
-                        f"architecture fields that can be overridden: {', '.join(sorted(fields))}")
+        raise UnknownArgument(f"unknown argument(s) for {name}: {', '.join(unknown)}; "
+                              f"architecture fields that can be overridden: {', '.join(sorted(fields))}")
     return dataclasses.replace(MODELS[name].config, **overrides)
 
 
@@ -110,6 +126,8 @@ def load_model(spec: Union[str, PathLike], *, architecture: Optional[str] = None
     folder or a training run directory. The architecture comes from the registry or the saved config,
     else ``architecture``, else the weights' shapes; classes and input channels default to the
     checkpoint's. ``create_kwargs`` go to ``create_model`` (``drop_rate``, ``features_only``, ...)."""
+    if architecture:
+        check_model_name(architecture)  # before any file is read or downloaded
     checkpoint = read_checkpoint(spec, cache_dir=cache_dir, url_base=url_base, source=source,
                                  progress=progress)
     if architecture and checkpoint.architecture and architecture != checkpoint.architecture:
@@ -121,7 +139,8 @@ def load_model(spec: Union[str, PathLike], *, architecture: Optional[str] = None
             raise MixNetError(f"{checkpoint.file}: these weights fit no known MixNet architecture")
         if len(guesses) > 1:
             raise MixNetError(f"{checkpoint.file}: weights fit {' and '.join(guesses)} alike (same shapes, "
-                              f"different padding); say which with architecture=")
+                              f"different padding); say which architecture (e.g. --model {guesses[0]} "
+                              f"--weights {spec}, or architecture=\"{guesses[0]}\" in Python)")
         architecture = guesses[0]
     model = create_model(architecture,
                          num_classes=checkpoint.num_classes if num_classes is None else num_classes,

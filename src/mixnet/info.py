@@ -21,7 +21,7 @@ from .models.architectures import MODELS
 from .data.images import eval_resize_size
 from .errors import MixNetError
 from .fileio import atomic_write, mixnet_cache_dir
-from .factory import create_model, list_models
+from .factory import check_model_name, create_model, list_models
 
 MACS_CONVENTION = "conv + linear multiply-adds"
 CACHE_FILE = "model_stats.json"
@@ -32,18 +32,19 @@ def stats_cache_path() -> Path:
     return mixnet_cache_dir() / CACHE_FILE
 
 
-def _stats_key(name: str, input_size: Sequence[int]) -> str:
+def _stats_key(name: str, input_size: Sequence[int], num_classes: int) -> str:
     # The whole architecture config goes into the key, so a changed table never reads a stale count.
-    spec = f"{MODELS[name].config!r}|{tuple(input_size)}"
+    spec = f"{MODELS[name].config!r}|{tuple(input_size)}|{num_classes}"
     return f"{name}:{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
-def count_stats(name: str, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-    """``(parameters, MACs)`` of architecture ``name`` (1000 classes) for one image of ``input_size``
-    (default: the architecture's own), counted on the meta device."""
+def count_stats(name: str, input_size: Optional[Sequence[int]] = None,
+                num_classes: int = 1000) -> Tuple[int, int]:
+    """``(parameters, MACs)`` of architecture ``name`` with ``num_classes`` classes for one image of
+    ``input_size`` (default: the architecture's own), counted on the meta device."""
     input_size = tuple(input_size or MODELS[name].pretrained_cfg.input_size)
     with torch.device("meta"):
-        model = create_model(name).eval()
+        model = create_model(name, num_classes=num_classes).eval()
         image = torch.empty(1, *input_size)
     params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter:
@@ -51,9 +52,12 @@ def count_stats(name: str, input_size: Optional[Sequence[int]] = None) -> Tuple[
     return params, counter.get_total_flops() // 2
 
 
-def model_stats(names: Optional[Sequence[str]] = None, use_cache: bool = True) -> Dict[str, Dict[str, int]]:
-    """``{name: {"params": ..., "macs": ...}}`` at each architecture's default input size, from the cache
-    when possible (an unreadable or unwritable cache is simply not used)."""
+def model_stats(names: Optional[Sequence[str]] = None, use_cache: bool = True,
+                input_size: Optional[Sequence[int]] = None,
+                num_classes: int = 1000) -> Dict[str, Dict[str, int]]:
+    """``{name: {"params": ..., "macs": ...}}`` with ``num_classes`` classes at ``input_size`` (default:
+    each architecture's own), from the cache when possible (an unreadable or unwritable cache is simply
+    not used)."""
     names = list(names or list_models())
     cache_path = stats_cache_path()
     cache: Dict[str, Dict[str, int]] = {}
@@ -64,10 +68,11 @@ def model_stats(names: Optional[Sequence[str]] = None, use_cache: bool = True) -
             cache = {}
     result, missing = {}, False
     for name in names:
-        key = _stats_key(name, MODELS[name].pretrained_cfg.input_size)
+        size = tuple(input_size or MODELS[name].pretrained_cfg.input_size)
+        key = _stats_key(name, size, num_classes)
         entry = cache.get(key)
         if not (isinstance(entry, dict) and {"params", "macs"} <= entry.keys()):
-            params, macs = count_stats(name)
+            params, macs = count_stats(name, size, num_classes)
             entry = cache[key] = {"params": params, "macs": macs}
             missing = True
         result[name] = {"params": int(entry["params"]), "macs": int(entry["macs"])}
@@ -81,11 +86,15 @@ def model_stats(names: Optional[Sequence[str]] = None, use_cache: bool = True) -
 
 
 def resolve_architecture(name: str) -> str:
-    """An architecture from its name or a weights tag (``mixnet_s.ft_in1k``)."""
-    arch = name.split(".", 1)[0] if name not in MODELS else name
-    if arch not in MODELS:
-        raise MixNetError(f"unknown model {name!r} (known: {', '.join(list_models())})")
-    return arch
+    """An architecture from its name or a registered weights tag (``mixnet_s.ft_in1k``)."""
+    from .pretrained.registry import WEIGHTS, list_pretrained
+
+    if name in MODELS or name in WEIGHTS:
+        return name.split(".", 1)[0]
+    arch = check_model_name(name.split(".", 1)[0])
+    tags = list_pretrained(arch)
+    known = f"known: {', '.join(tags)}" if tags else f"{arch} has none published"
+    raise MixNetError(f"unknown weights tag {name!r} ({known})")
 
 
 def pretrained_weights(architecture: str) -> List[dict]:
@@ -101,16 +110,24 @@ def pretrained_weights(architecture: str) -> List[dict]:
 
 
 def model_card(name: str, use_cache: bool = True) -> dict:
-    """Everything ``mixnet info`` shows about one architecture, as plain data."""
+    """Everything ``mixnet info`` shows about one architecture, as plain data; for a weights tag, with
+    the preprocessing and classes of those weights (and the parameters and MACs of that model)."""
+    from .pretrained.checkpoint import registered_pretrained_cfg
+    from .pretrained.registry import WEIGHTS
+
     arch = resolve_architecture(name)
-    cfg = MODELS[arch].pretrained_cfg
-    stats = model_stats([arch], use_cache=use_cache)[arch]
-    crop = cfg.input_size[-1]
+    weights = name if name in WEIGHTS else None
+    # The architecture's defaults first: a shipped config may leave fields out.
+    cfg = {**MODELS[arch].pretrained_cfg.to_dict(), **(registered_pretrained_cfg(WEIGHTS[name]) if weights else {})}
+    input_size, num_classes = tuple(cfg["input_size"]), cfg["num_classes"]
+    stats = model_stats([arch], use_cache=use_cache, input_size=input_size, num_classes=num_classes)[arch]
+    crop = input_size[-1]
     return dict(
-        name=arch, description=MODELS[arch].description, params=stats["params"], macs=stats["macs"],
-        macs_convention=MACS_CONVENTION, input_size=list(cfg.input_size), crop_size=crop, crop_pct=cfg.crop_pct,
-        resize_size=eval_resize_size(crop, cfg.crop_pct), interpolation=cfg.interpolation, mean=list(cfg.mean),
-        std=list(cfg.std), num_classes=cfg.num_classes, pretrained=pretrained_weights(arch))
+        name=arch, weights=weights, description=MODELS[arch].description, params=stats["params"],
+        macs=stats["macs"], macs_convention=MACS_CONVENTION, input_size=list(input_size), crop_size=crop,
+        crop_pct=cfg["crop_pct"], resize_size=eval_resize_size(crop, cfg["crop_pct"]),
+        interpolation=cfg["interpolation"], mean=list(cfg["mean"]), std=list(cfg["std"]),
+        num_classes=num_classes, pretrained=pretrained_weights(arch))
 
 
 def format_count(n: Optional[float], unit: str = "") -> str:
@@ -132,6 +149,8 @@ def format_card(card: dict) -> str:
     size = "x".join(map(str, card["input_size"]))
     lines = [
         f"{card['name']}: {card['description']}",
+        *([f"  weights        {card['weights']}"] if card["weights"] else []),
+        f"  classes        {card['num_classes']}",
         f"  parameters     {card['params']:,}",
         f"  MACs           {format_count(card['macs'])} at {size} ({card['macs_convention']})",
         f"  input size     {size}",

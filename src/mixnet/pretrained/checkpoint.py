@@ -10,8 +10,9 @@ Where weights come from (``spec`` in ``load_model``, ``pretrained`` in ``create_
   the first registered for it;
 - a weights file: timm-style ``.pth``/``.bin`` (a bare state dict, or a training checkpoint holding
   ``state_dict_ema``/``model_ema``/``state_dict``/``model``, EMA preferred; ``module.`` and
-  ``_orig_mod.`` prefixes stripped) or ``.safetensors``; read with ``torch.load(weights_only=True)``,
-  so a file whose pickle would run code is refused;
+  ``_orig_mod.`` prefixes stripped) or ``.safetensors``; read with ``torch.load(weights_only=True)``
+  (allowing too the ``argparse.Namespace`` of timm's training checkpoints), so a file whose pickle would
+  run code is refused;
 - a hub folder as timm and ``save_pretrained`` write it: ``config.json`` + ``model.safetensors`` (or
   ``pytorch_model.bin``); its architecture, classes, class names and preprocessing come from the config;
 - a training run directory holding such a folder named ``final`` (``RUN_MODEL_DIRNAME``).
@@ -34,8 +35,11 @@ This module fills models it is given; building them by name is ``mixnet.factory`
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,6 +53,7 @@ from ..data.imagenet import imagenet_class_names
 from ..errors import MixNetError, first_line
 from ..fileio import PathLike, atomic_write
 from ..models.architectures import MODELS, MixNetConfig, PretrainedCfg
+from ..models.network import MIN_INPUT_SIZE
 from . import download
 from .registry import WEIGHTS, WeightsEntry, default_tag
 
@@ -88,6 +93,10 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+# torch < 2.5 has no allowlist context: there such files stay refused, with the message naming the global.
+_safe_globals = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
+
+
 def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, Tensor]:
     """The tensors of a ``.safetensors``, ``.pth`` or ``.bin`` file, never unpickling code."""
     path = Path(path)
@@ -103,11 +112,16 @@ def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, Tensor]:
             raise MixNetError(f"{path}: not a readable safetensors file (truncated or corrupt: "
                               f"{first_line(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training checkpoints keep the run's arguments as an argparse.Namespace: plain data
+        # (attributes set, no code called), so allowed; anything else outside torch's list is refused.
+        with _safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise MixNetError(f"{path}: refused: the file's pickle holds objects other than tensors "
-                              f"(code could run); only plain weights are loaded") from None
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" ({named.group(1)})" if named else ""
+            raise MixNetError(f"{path}: refused: the file's pickle holds objects other than tensors and "
+                              f"plain data{what}, so code could run; only plain weights are loaded") from None
         raise MixNetError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                           f"{first_line(e)})") from None
     return _unwrap_checkpoint(obj, path, use_ema)
@@ -151,12 +165,13 @@ def read_hub_folder(folder: PathLike, config_file: Optional[PathLike] = None,
     if architecture and architecture not in MODELS:
         raise MixNetError(f"{config_file}: architecture {architecture!r} is not a MixNet "
                           f"(known: {', '.join(MODELS)})")
+    preprocess = read_hub_preprocess(config, config_file)
     cfg = config.get("pretrained_cfg") or {}
     names = config.get("label_names", cfg.get("label_names"))
-    if isinstance(names, dict):  # index -> name, as timm allows
+    if isinstance(names, dict) and all(k.isdigit() for k in names):  # index -> name, as timm allows
         names = [names[k] for k in sorted(names, key=int)]
-    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise MixNetError(f"{config_file}: label_names must be a list of class names, got {_shown(names)}")
     architecture_args = config.get(ARCHITECTURE_ARGS, {})
     unknown = set(architecture_args) - set(_scalar_architecture_fields())
     if unknown:
@@ -168,7 +183,65 @@ def read_hub_folder(folder: PathLike, config_file: Optional[PathLike] = None,
     if checkpoint.class_names and len(checkpoint.class_names) != checkpoint.num_classes:
         raise MixNetError(f"{config_file}: {len(checkpoint.class_names)} label_names for a classifier "
                           f"of {checkpoint.num_classes} classes")
+    for key, value in (("num_classes", config.get("num_classes")), ("pretrained_cfg.num_classes",
+                                                                    preprocess.get("num_classes"))):
+        if value is not None and value != checkpoint.num_classes:
+            raise MixNetError(f"{config_file}: {key} is {_shown(value)} for a classifier of "
+                              f"{checkpoint.num_classes} classes")
     return checkpoint
+
+
+def read_hub_preprocess(config: dict, config_file: PathLike) -> Dict[str, object]:
+    """The ``PretrainedCfg`` fields of a hub config's ``pretrained_cfg``, each checked, since a config is
+    input: a wrong type would otherwise surface far away, as a traceback in the eval transform."""
+    cfg = config.get("pretrained_cfg") or {}
+    if not isinstance(cfg, dict):
+        raise MixNetError(f"{config_file}: pretrained_cfg must be a JSON object, got {_shown(cfg)}")
+
+    def check(key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise MixNetError(f"{config_file}: pretrained_cfg.{key} must be {expected}, got {_shown(cfg[key])}")
+
+    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+    size = preprocess.get("input_size")
+    if size is not None:
+        check("input_size", isinstance(size, tuple) and len(size) == 3 and all(map(_is_int, size))
+              and size[0] > 0 and min(size[1:]) >= MIN_INPUT_SIZE,
+              f"[C, H, W] (integers, H and W at least {MIN_INPUT_SIZE})")
+    if "crop_pct" in preprocess:
+        crop_pct = preprocess["crop_pct"]
+        check("crop_pct", _is_number(crop_pct) and 0 < crop_pct <= 1, "a number in (0, 1]")
+    if "interpolation" in preprocess:
+        check("interpolation", isinstance(preprocess["interpolation"], str), "a string such as \"bicubic\"")
+    if "num_classes" in preprocess:
+        check("num_classes", _is_int(preprocess["num_classes"]) and preprocess["num_classes"] >= 0,
+              "a count of classes")
+    # One statistic per input channel; or three, the RGB statistics that timm and save_pretrained keep
+    # when the stem was adapted to another channel count.
+    counts = sorted({size[0] if size else 3, 3})
+    for key in ("mean", "std"):
+        if key in preprocess:
+            stats = preprocess[key]
+            numbers = isinstance(stats, tuple) and len(stats) in counts and all(map(_is_number, stats))
+            positive = key == "mean" or (numbers and min(stats) > 0)  # std divides
+            check(key, numbers and positive, f"a list of {' or '.join(map(str, counts))} "
+                  f"{'' if key == 'mean' else 'positive '}numbers (one per channel)")
+    return preprocess
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A config value as JSON, cut short: enough to recognise it in a one-line error."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_config(path: Path) -> dict:
@@ -218,12 +291,20 @@ def _read_registered(entry: WeightsEntry, cache_dir, url_base, source, progress)
     else:
         path = download.fetch(entry, cache_dir, url_base, source, progress)
         checkpoint = Checkpoint(read_state_dict(path), str(path))
-        checkpoint.preprocess = {k: v for k, v in entry.pretrained_cfg.to_dict().items()
-                                 if k not in ("num_classes",)}
+        checkpoint.preprocess = registered_pretrained_cfg(entry)
     checkpoint.architecture, checkpoint.tag = entry.architecture, entry.tag
     if entry.imagenet_classes and checkpoint.num_classes == 1000:
         checkpoint.class_names = imagenet_class_names()
     return checkpoint
+
+
+def registered_pretrained_cfg(entry: WeightsEntry) -> Dict[str, object]:
+    """The ``PretrainedCfg`` fields of registered weights (preprocessing and ``num_classes``) without
+    loading them: the shipped config's for the built-in weights, else the registry entry's."""
+    if entry.package_file:
+        config_file = (PACKAGE_FILES / entry.package_file).with_suffix(".json")
+        return read_hub_preprocess(_read_config(config_file), config_file)
+    return entry.pretrained_cfg.to_dict()
 
 
 def _package_files(entry: WeightsEntry):

@@ -244,7 +244,7 @@ def fetch(entry: WeightsEntry, cache_dir: Optional[PathLike] = None, url_base: O
             try:
                 return download(url, dest, entry.sha256, progress)
             except DownloadError as e:
-                if not (use_hub and e.retry_elsewhere):
+                if not e.retry_elsewhere:  # a wrong file is an alarm, not an outage: no advice to fetch it
                     raise
                 failures.append(str(e))
         if use_hub:
