@@ -65,10 +65,14 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"mixnet serve not ready after {START_TIMEOUT_S} s:\n{self.log.read_text()}")
 
-    def stop(self, timeout: float = 120) -> int:
-        """SIGTERM, and the exit code."""
+    def stop(self, timeout: float = 120, group: bool = False) -> int:
+        """SIGTERM to the main process, or with ``group`` to its whole process group (as systemd and
+        `timeout` send it), and the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # start_new_session: its pid is its group's id
+            else:
+                self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,12 +23,15 @@ from colour_model import COLOURS, write_colour_image
 from conftest import needs_bf16
 from mixnet.cli import main
 from mixnet.deploy import runtimes
-from mixnet.deploy.quantize import (BACKENDS, compare_top1, load_batches, load_quantized,
+from mixnet.deploy.quantize import (BACKENDS, compare_top1, load_batches, load_quantized, min_check_images,
                                     quantize_model, split_photos)
+from mixnet.errors import MixNetError
 from mixnet.inference.predict import resolve_model
 
-PHOTOS_PER_COLOUR = 6
-CALIBRATION_IMAGES = 9  # the other 9 photos are held back for the check
+PHOTOS_PER_COLOUR = 20
+CALIBRATION_IMAGES = 9  # the other 51 photos are held back for the check: a 98% bar needs at least 50
+HELD_BACK = len(COLOURS) * PHOTOS_PER_COLOUR - CALIBRATION_IMAGES
+BROKEN_JPEG = (Path(__file__).resolve().parents[1] / "examples" / "tench.jpg").read_bytes()[:300]
 
 
 def has_module(name: str) -> bool:
@@ -61,7 +69,7 @@ def test_int8_model_of_each_backend_agrees_with_fp32_on_held_back_photos(quantiz
     backend, folder, result = quantized
     assert result.calibration_images == CALIBRATION_IMAGES
     check = result.check
-    assert check.images == len(COLOURS) * PHOTOS_PER_COLOUR - CALIBRATION_IMAGES
+    assert check.images == HELD_BACK
     assert check.agreement == 100.0 and check.fp32_top1 == 100.0 and check.int8_top1 == 100.0
     # The INT8 graph read back from the folder, on the held-back photos: every colour seen, same classes
     # as fp32 on each, and logits off by under a third of the 10-logit margin on average (the solved head
@@ -128,7 +136,7 @@ def test_quantize_command_writes_a_folder_and_reports_agreement_and_accuracy(wei
     assert main(["quantize", str(weights_dir), "--calibration", str(photos), "--images", "9", "--output",
                  str(output), "--backend", "onnxruntime", "--workers", "0"]) == 0
     out = capsys.readouterr().out
-    assert "top-1 agreement with fp32 100.00% on 9 held-back photos" in out
+    assert f"top-1 agreement with fp32 100.00% on {HELD_BACK} held-back photos" in out
     assert "top-1 fp32 100.00%, INT8 100.00%" in out
     model = resolve_model(str(output))  # the folder is also an ordinary hub folder: class names kept
     assert model.pretrained_cfg["class_names"] == list(COLOURS)
@@ -140,6 +148,142 @@ def test_agreement_counts_disagreements_and_accuracy(colour_model, photos):
     check = compare_top1(colour_model, always_red, colour_model, files, labels=[0, 1, 2])
     assert check.images == 3 and check.agreement == pytest.approx(100 / 3)
     assert check.fp32_top1 == 100.0 and check.int8_top1 == pytest.approx(100 / 3)
+
+
+@pytest.fixture
+def without_export(monkeypatch, colour_model):
+    """quantize_model with its slow steps faked, for what happens around them: the ONNX export and the
+    INT8 graph are empty files, and "running the INT8 graph" runs the fp32 model."""
+    def empty_file(path):
+        Path(path).write_bytes(b"")
+        return Path(path)
+
+    monkeypatch.setattr("mixnet.deploy.quantize.export_model",
+                        lambda model, path, fmt, **kwargs: SimpleNamespace(path=empty_file(path)))
+    monkeypatch.setattr("mixnet.deploy.quantize.quantize_onnx", lambda source, output, *args: empty_file(output))
+    monkeypatch.setattr("mixnet.deploy.quantize.int8_runner", lambda path, backend, num_threads=None: colour_model)
+
+
+@pytest.fixture
+def old_folder(tmp_path):
+    """A quantized model folder from an earlier run, to be replaced."""
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    (folder / "quantization.json").write_text('{"backend": "onnxruntime", "graph": "model_int8.onnx"}')
+    (folder / "from-the-old-run").write_text("")
+    return folder
+
+
+def test_quantizing_again_replaces_the_folder_whole_with_ordinary_permissions(colour_model, photos, old_folder,
+                                                                             without_export):
+    quantize_model(colour_model, photos, old_folder, backend="onnxruntime", images=CALIBRATION_IMAGES)
+    assert not (old_folder / "from-the-old-run").exists() and (old_folder / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert old_folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in old_folder.parent.iterdir()) == ["int8"]  # nothing set aside is left
+
+
+def test_a_failed_swap_leaves_the_old_quantized_folder_in_place(colour_model, photos, old_folder, without_export,
+                                                               monkeypatch):
+    rename = Path.rename
+
+    def new_folder_cannot_move_in(self, target):
+        if Path(target) == old_folder and not self.name.endswith(".old"):  # the staging folder, not the old one
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", new_folder_cannot_move_in)
+    with pytest.raises(OSError):
+        quantize_model(colour_model, photos, old_folder, backend="onnxruntime", images=CALIBRATION_IMAGES)
+    assert sorted(p.name for p in old_folder.iterdir()) == ["from-the-old-run", "quantization.json"]
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED_BACKENDS, reason="onnxruntime not installed")
+def test_a_calibration_folder_too_small_for_the_agreement_bar_is_refused_naming_it_and_its_counts(
+        weights_dir, tmp_path, capsys):
+    few = tmp_path / "few"
+    for i in range(3):
+        write_colour_image(few / f"{i}.png", "red")
+    code = main(["quantize", str(weights_dir), "--calibration", str(few), "--images", "300", "--output",
+                 str(tmp_path / "q"), "--backend", "onnxruntime", "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(few) in err and "3 image file(s)" in err and "98% agreement bar needs at least 50 held-back" in err
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED_BACKENDS, reason="onnxruntime not installed")
+def test_unreadable_calibration_photos_are_each_reported_and_none_readable_is_refused_naming_the_folder(
+        weights_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(60):
+        (broken / f"{i}.jpg").write_bytes(BROKEN_JPEG)
+    code = main(["quantize", str(weights_dir), "--calibration", str(broken), "--images", "9", "--output",
+                 str(tmp_path / "q"), "--backend", "onnxruntime", "--workers", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 10  # one line for each of the 9 photos, then the error
+    assert all(line.startswith(f"skipped: {broken}/") and "truncated" in line.lower() for line in lines[:9])
+    assert str(broken) in lines[-1] and "none of the 9 calibration photos could be read" in lines[-1]
+
+
+@pytest.mark.parametrize("min_agreement, needed", [(98, 50), (99, 100), (99.9, 1000), (0, 1), (100, 500)])
+def test_the_held_back_photos_needed_are_those_on_which_one_disagreement_is_within_the_bar(min_agreement, needed):
+    assert min_check_images(min_agreement, check_images=500) == needed
+
+
+def test_too_few_readable_held_back_photos_for_the_bar_are_refused_naming_the_folder_and_counts(
+        colour_model, photos, tmp_path, without_export):
+    folder = tmp_path / "mostly-broken"
+    for colour in COLOURS:
+        shutil.copytree(photos / colour, folder / colour, ignore=lambda d, names: sorted(names)[14:])
+    for i in range(30):
+        (folder / "red" / f"broken-{i}.jpg").write_bytes(BROKEN_JPEG)
+    with pytest.raises(MixNetError) as refused:
+        quantize_model(colour_model, folder, tmp_path / "q", backend="onnxruntime", images=CALIBRATION_IMAGES)
+    message = str(refused.value)
+    assert message.startswith(f"{folder}: ") and "of the 63 held-back photos could be read" in message
+    assert "98% agreement bar needs at least 50" in message and not (tmp_path / "q").exists()
+
+
+def test_unreadable_photos_among_good_ones_are_each_reported_and_left_out(colour_model, photos, tmp_path,
+                                                                         without_export, capsys):
+    mixed = shutil.copytree(photos, tmp_path / "mixed")
+    for colour in ("red", "blue"):
+        (mixed / colour / "broken.jpg").write_bytes(BROKEN_JPEG)
+    result = quantize_model(colour_model, mixed, tmp_path / "q", backend="onnxruntime", images=CALIBRATION_IMAGES)
+    skipped = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped: "))
+    assert [line.split(": ")[1] for line in skipped] == [str(mixed / c / "broken.jpg") for c in ("blue", "red")]
+    assert result.calibration_images + result.check.images == len(COLOURS) * PHOTOS_PER_COLOUR
+
+
+@pytest.mark.parametrize("backend", INSTALLED_BACKENDS)
+def test_a_missing_exporter_is_reported_before_any_photo_is_read(weights_dir, photos, tmp_path, monkeypatch,
+                                                                 capsys, backend):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+
+    def no_photos(*args, **kwargs):
+        raise AssertionError("photos were read before the missing exporter was reported")
+
+    monkeypatch.setattr("mixnet.deploy.quantize.load_batches", no_photos)
+    code = main(["quantize", str(weights_dir), "--calibration", str(photos), "--output", str(tmp_path / "q"),
+                 "--backend", backend, "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "needs onnxscript: pip install 'mixnet[onnx]'" in err
+
+
+def test_an_int8_folder_without_openvino_says_running_its_graph_needs_it(weights_dir, photos, tmp_path,
+                                                                         monkeypatch, capsys):
+    folder = shutil.copytree(weights_dir, tmp_path / "q1")
+    (folder / "quantization.json").write_text('{"backend": "openvino", "graph": "model_int8.xml"}')
+    (folder / "model_int8.xml").write_text("")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    code = main(["predict", str(photos / "red"), "--model", str(folder), "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"running the INT8 graph {folder / 'model_int8.xml'} needs openvino: pip install 'mixnet[openvino]'" in err
 
 
 def test_missing_backend_package_is_a_one_line_error_naming_the_extra(weights_dir, photos, tmp_path, monkeypatch,
@@ -173,6 +317,18 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(weights_dir, photos, monke
     code = main(["benchmark", "--model", "mixnet_s", "--batch-size", "1", "--image-size", "64", "--precision", "bf16",
                  "--repeats", "1", "--warmup", "0", "--json"])
     assert code == 2 and "avx512_bf16" in capsys.readouterr().err
+
+
+def test_a_quantized_folder_with_another_runtimes_options_says_how_to_run_its_float_weights(quantized, photos,
+                                                                                              capsys):
+    _, folder, _ = quantized
+    assert main(["predict", str(photos / "red"), "--model", str(folder), "--fast"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mixnet predict: error: {folder} is a quantized model folder: it runs its INT8 graph in a runtime of its "
+        f"own; drop --backend/--onnx/--fast, or add --precision fp32 to run its float weights with them")
+    assert main(["predict", str(photos / "red"), "--model", str(folder), "--fast", "--precision", "fp32",
+                 "--workers", "0"]) == 0
+    assert "red" in capsys.readouterr().out
 
 
 def test_int8_without_a_quantized_folder_is_a_one_line_error(weights_dir, photos, capsys):

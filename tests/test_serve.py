@@ -6,7 +6,9 @@ One server (a subprocess on a free loopback port) serves the module; the shutdow
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import socket
 import struct
 import subprocess
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import mixnet
 from conftest import HEAVY
+from mixnet.serve import app
 from serve_process import EXAMPLES, free_port, running_server
 
 pytestmark = HEAVY
@@ -103,6 +106,7 @@ def test_answers_for_the_example_photos_equal_mixnet_predict(server, expected, f
 
 TENCH = EXAMPLES[-1].read_bytes()
 NO_FILE_FIELD, NO_FILE_FIELD_TYPE = multipart({"photo": ("tench.jpg", TENCH)})
+FILE_FIELD, FILE_FIELD_TYPE = multipart({"file": ("tench.jpg", TENCH)})
 HOSTILE = {
     # name: (method, path, body, headers, status, words the error must contain)
     "not an image": ("POST", "/predict", b"hello, this is text", {"Content-Type": "image/png"}, 415, "not an image"),
@@ -123,6 +127,8 @@ HOSTILE = {
                                        "'file'"),
     "malformed multipart": ("POST", "/predict", b"--x\r\nnonsense", {"Content-Type": "multipart/form-data"}, 400,
                             "multipart"),
+    "multipart cut off in its file field": ("POST", "/predict", FILE_FIELD[: len(FILE_FIELD) // 2],
+                                            {"Content-Type": FILE_FIELD_TYPE}, 400, "ends before the closing boundary"),
     "unknown endpoint": ("GET", "/admin", None, {}, 404, "/admin"),
 }
 
@@ -156,6 +162,58 @@ def test_a_client_that_disconnects_mid_upload_is_counted_and_the_service_goes_on
         assert time.monotonic() < deadline, "the disconnect was never counted"
         time.sleep(0.1)
     assert_served_normally(server, expected)
+
+
+def test_an_upload_that_stalls_gets_408_and_its_connection_closed_and_the_service_goes_on(server, expected):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        s.sendall(TENCH[:3])
+        s.settimeout(app.BODY_IDLE_TIMEOUT_S + 30)
+        answer = b""
+        while chunk := s.recv(65536):  # until the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"timed out after 3 bytes" in body
+    assert_served_normally(server, expected)
+
+
+def test_a_body_that_trickles_in_gets_408_once_its_time_is_up(monkeypatch):
+    """Each byte in time for the pause allowed, but the whole too slow: the total deadline ends it."""
+    monkeypatch.setattr(app, "BODY_TIMEOUT_S", 0.5)
+
+    async def trickle():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-type", b"image/jpeg")]}
+
+    async def read():
+        return await asyncio.wait_for(app.read_body(app.Request(scope, trickle), 2**20), 5)
+
+    with pytest.raises(app.RequestError) as refused:
+        asyncio.run(read())
+    assert refused.value.status_code == 408 and refused.value.headers == {"Connection": "close"}
+
+
+def test_connections_over_the_limit_get_503_and_the_service_goes_on(server, expected):
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(app.MIN_CONNECTIONS)]
+    try:
+        assert server.health() == 503
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while server.health() != 200:  # the server notices the closed connections
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert_served_normally(server, expected)
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/info", "/metrics"])
+def test_head_is_answered_wherever_get_is(server, path):
+    status, headers, body = server.request("HEAD", path)
+    assert status == 200 and body == b""
+    assert headers.get("content-type") == server.request("GET", path)[1].get("content-type")
 
 
 def test_urls_sent_by_clients_are_never_fetched(server):
@@ -217,6 +275,22 @@ def test_info_gives_the_model_card_and_its_preprocessing(server):
                                          interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     assert info["classes"][0] == "tench" and len(info["classes"]) == 10
     assert info["serving"]["max_batch_size"] == 8
+    assert info["serving"]["precision"] == "fp32" and info["serving"]["backend"] == "torch"
+
+
+def test_a_quantized_folder_is_served_as_int8_under_its_folder_name_never_its_path(weights_dir, tmp_path):
+    from mixnet.cli import build_parser
+    from mixnet.inference.predict import resolve_model
+
+    folder = shutil.copytree(weights_dir, tmp_path / "home" / "alice" / "q1")
+    (folder / "quantization.json").write_text(json.dumps({"backend": "onnxruntime", "graph": "model_int8.onnx"}))
+    args = build_parser().parse_args(["serve", str(folder)])
+    args.model, args.weights = args.source, None  # as cmd_serve hands them to serve()
+    model = resolve_model(args.model)
+    name = app.model_name_of(model, args.model)
+    info = app.describe_service(model, name, args, threads=1)
+    assert name == "q1" and info["model"] == "q1" and str(tmp_path) not in json.dumps(info)
+    assert info["serving"]["precision"] == "int8" and info["serving"]["backend"] == "onnxruntime"
 
 
 def test_the_page_is_served_at_the_root_and_loads_nothing_from_elsewhere(server):
@@ -252,7 +326,8 @@ def test_a_missing_serve_extra_is_a_one_line_error_naming_the_pip_command():
     assert result.stderr.count("\n") == 1 and 'pip install "mixnet[serve]"' in result.stderr
 
 
-def test_sigterm_finishes_the_requests_in_flight_then_stops_every_process(tmp_path):
+@pytest.mark.parametrize("to", ["the main process", "the whole process group"])
+def test_sigterm_finishes_the_requests_in_flight_then_stops_every_process(tmp_path, to):
     # a long batch timeout holds the requests inside the server when the signal arrives
     with running_server(tmp_path, "--max-batch-size", "64", "--batch-timeout-ms", "1500") as s:
         results = []
@@ -260,7 +335,8 @@ def test_sigterm_finishes_the_requests_in_flight_then_stops_every_process(tmp_pa
         for t in threads:
             t.start()
         time.sleep(0.5)
-        assert s.stop() == 0
+        assert s.stop(group=to == "the whole process group") == 0, s.log.read_text()[-3000:]
+        assert "Traceback" not in s.log.read_text()
         for t in threads:
             t.join(60)
         assert results == [200] * 6

@@ -75,13 +75,18 @@ def low_precision_forward(args: argparse.Namespace, model):
     """The forward for --precision bf16 / int8 (OpenVINO bf16, or a quantized folder's INT8 graph); None
     for fp32. A quantized folder from `mixnet quantize` given as the model runs INT8 unless --precision
     says otherwise (fp32 / bf16 then run the float weights stored beside the INT8 graph)."""
-    from .deploy.quantize import is_quantized_folder, load_quantized
+    from .deploy.quantize import load_quantized, model_precision, quantized_folder
 
-    quantized = next((p for p in (args.weights, args.model) if is_quantized_folder(p)), None)
-    precision = getattr(args, "precision", None) or ("int8" if quantized else "fp32")
+    asked = getattr(args, "precision", None)
+    quantized = quantized_folder(args.weights, args.model)
+    precision = model_precision(asked, args.weights, args.model)
     if precision == "fp32":
         return None
     if args.backend != "torch" or args.onnx or args.fast:
+        if asked is None:  # chosen by the folder, not on the command line
+            raise MixNetError(f"{quantized} is a quantized model folder: it runs its INT8 graph in a runtime of "
+                              f"its own; drop --backend/--onnx/--fast, or add --precision fp32 to run its float "
+                              f"weights with them")
         raise MixNetError(f"--precision {precision} chooses its own runtime; drop --backend/--onnx/--fast")
     if precision == "bf16":
         from .deploy.runtimes import check_bf16_cpu, openvino_forward

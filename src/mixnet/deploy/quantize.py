@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..data.images import ImageList, build_eval_transform, collate, folder_classes, list_image_files
 from ..errors import MixNetError
-from ..fileio import PathLike, atomic_write
+from ..fileio import PathLike, current_umask, atomic_write
 from .export import OnnxRuntimeModel, export_model
 from .runtimes import DEFAULT_INT8_BACKEND as DEFAULT_BACKEND, INT8_BACKENDS as BACKENDS, OpenVinoModel, require
 
@@ -59,21 +60,31 @@ class AgreementTooLow(MixNetError):
     """The INT8 model disagreed with fp32 on more held-back photos than allowed."""
 
 
-def _require_backend(backend: str) -> None:
+# The modules each backend imports: to run its INT8 graph, and to make one from an ONNX file (making one
+# from a model exports it to ONNX first, which needs EXPORTER too); and the pip extra installing each.
+RUNTIME_MODULES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime",)}
+QUANTIZER_MODULES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime",)}
+EXPORTER = "onnxscript"
+EXTRAS = {"openvino": "openvino", "nncf": "openvino", "onnxruntime": "onnx", EXPORTER: "onnx"}
+
+
+def _require_backend(backend: str, modules: Dict[str, Tuple[str, ...]], purpose: str, *more: str) -> None:
+    """A one-line error unless ``backend`` is known and ``modules[backend]`` and ``more`` all import."""
     if backend not in BACKENDS:
         raise MixNetError(f"unknown quantization backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend == "openvino":
-        require("openvino", "openvino", "INT8 quantization with the openvino backend")
-        require("nncf", "openvino", "INT8 quantization with the openvino backend")
-    else:
-        require("onnxruntime", "onnx", "INT8 quantization with the onnxruntime backend")
+    for module in modules[backend] + more:
+        require(module, EXTRAS[module], purpose)
+
+
+def _quantizing(backend: str) -> str:
+    return f"INT8 quantization with the {backend} backend"
 
 
 def quantize_onnx(source: PathLike, output: PathLike, calibration: Sequence[np.ndarray], backend: str) -> Path:
     """Write the INT8 form of the fp32 ONNX file ``source`` to ``output``, calibrated on ``calibration``
     (NCHW float arrays, one image each, already preprocessed). OpenVINO writes ``output`` (.xml) and the
     .bin beside it; onnxruntime writes an ONNX file with QDQ nodes."""
-    _require_backend(backend)
+    _require_backend(backend, QUANTIZER_MODULES, _quantizing(backend))
     if not calibration:
         raise MixNetError("INT8 quantization needs at least one calibration image")
     output = Path(output)
@@ -113,7 +124,7 @@ def quantize_onnx(source: PathLike, output: PathLike, calibration: Sequence[np.n
 
 def int8_runner(path: PathLike, backend: str, num_threads: Optional[int] = None) -> Callable[[Tensor], Tensor]:
     """The runtime that runs an INT8 graph written by ``quantize_onnx``."""
-    _require_backend(backend)
+    _require_backend(backend, RUNTIME_MODULES, f"running the INT8 graph {path}")
     if backend == "openvino":
         return OpenVinoModel(path, "f32", num_threads)
     return OnnxRuntimeModel(path, num_threads)
@@ -125,6 +136,17 @@ def int8_runner(path: PathLike, backend: str, num_threads: Optional[int] = None)
 
 def is_quantized_folder(path: Optional[PathLike]) -> bool:
     return path is not None and (Path(path) / QUANT_CONFIG).is_file()
+
+
+def quantized_folder(*sources: Optional[PathLike]) -> Optional[PathLike]:
+    """The first of ``sources`` (a model's --weights and --model) that is a quantized model folder."""
+    return next((s for s in sources if is_quantized_folder(s)), None)
+
+
+def model_precision(precision: Optional[str], *sources: Optional[PathLike]) -> str:
+    """The precision a model runs in: ``precision`` when one is asked for, else int8 when one of
+    ``sources`` is a quantized model folder (its INT8 graph runs) and fp32 otherwise."""
+    return precision or ("int8" if quantized_folder(*sources) else "fp32")
 
 
 def read_quantization_config(folder: PathLike) -> dict:
@@ -151,16 +173,32 @@ def load_quantized(folder: PathLike, num_threads: Optional[int] = None) -> Calla
 # Calibration photos and the check against fp32
 
 
-def split_photos(folder: PathLike, images: int, check_images: int) -> Tuple[List[Path], List[Path]]:
+def min_check_images(min_agreement: float, check_images: int) -> int:
+    """The fewest held-back photos on which a ``min_agreement`` percent bar means something: enough that
+    one disagreement costs no more than the bar allows (100 / n <= 100 - min_agreement; 50 photos for
+    98%). Fewer, and the bar can pass on a handful of photos that say nothing about the rest. A 100%
+    bar allows no disagreement at all; it is checked on all ``check_images`` photos asked for."""
+    if min_agreement >= 100:
+        return check_images
+    return math.ceil(100 / (100 - min_agreement) - 1e-9)  # 100 - 99.9 is a little under 0.1 in floats
+
+
+def split_photos(folder: PathLike, images: int, check_images: int,
+                 min_agreement: float = DEFAULT_MIN_AGREEMENT) -> Tuple[List[Path], List[Path]]:
     """Calibration and held-back photos from ``folder``: a fixed shuffle, the first ``images`` for
-    calibration and up to ``check_images`` of the rest for the check. A folder with no more than
-    ``images`` photos keeps a fifth of them (at least one) back."""
+    calibration and up to ``check_images`` of the rest for the check. Where that would leave fewer than
+    ``min_check_images`` held back, a fifth of the photos (at least that many) is held back instead, and
+    a folder too small for both is refused."""
+    needed = min_check_images(min_agreement, check_images)
+    bar = f"checking a {min_agreement:g}% agreement bar needs at least {needed} held-back photos"
+    if needed > check_images:
+        raise MixNetError(f"--check-images {check_images}: too few; {bar}")
     files = list_image_files([folder])
-    if len(files) < 2:
-        raise MixNetError(f"{folder}: {len(files)} image file(s); quantization needs at least 2 "
-                          f"(calibration and a held-back check)")
+    if len(files) < needed + 1:
+        raise MixNetError(f"{folder}: {len(files)} image file(s); quantization needs at least {needed + 1}: "
+                          f"one to calibrate on, and {bar} (add photos or lower --min-agreement)")
     random.Random(SEED).shuffle(files)
-    calibrate = images if len(files) > images else len(files) - max(1, len(files) // 5)
+    calibrate = images if len(files) - images >= needed else len(files) - max(needed, len(files) // 5)
     return files[:calibrate], files[calibrate:calibrate + check_images]
 
 
@@ -186,10 +224,12 @@ def photo_labels(folder: PathLike, files: Sequence[Path], model) -> Optional[Lis
 def load_batches(model, files: Sequence[Path], batch_size: int = 32, workers: int = 0,
                  transform: Optional[Callable] = None):
     """(indices, NCHW tensor) batches of ``files`` through ``transform`` (default: the model's eval
-    transform); unreadable photos are dropped."""
+    transform); unreadable photos are dropped, each named on stderr with its problem."""
     loader = DataLoader(ImageList(files, transform or build_eval_transform(model)), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate)
     for batch in loader:
+        for failure in batch.failures:
+            print(f"skipped: {failure.path}: {failure.problem}", file=sys.stderr)
         if len(batch.targets):
             yield batch.targets.tolist(), batch.images
 
@@ -226,7 +266,7 @@ def compare_top1(reference: Callable[[Tensor], Tensor], candidate: Callable[[Ten
             right_cand += int((cand == target).sum())
         total += len(indices)
     if total == 0:
-        raise MixNetError("none of the held-back photos could be read")
+        raise MixNetError(f"none of the {len(files)} held-back photos could be read (the lines above say why)")
     pct = lambda n: 100.0 * n / total  # noqa: E731
     return CheckResult(total, pct(agree), pct(right_ref) if labels is not None else None,
                        pct(right_cand) if labels is not None else None)
@@ -240,6 +280,21 @@ class QuantizeResult:
     check: CheckResult
     size_bytes: int
     files: List[str] = field(default_factory=list)
+
+
+def _replace_folder(new: Path, output: Path) -> None:
+    """Put the folder ``new`` in place of ``output`` (there or not) by renames: the old folder is moved
+    aside whole and deleted only once the new one is in place, so a crash leaves one of them complete."""
+    aside = new.with_name(new.name + ".old")  # ``new`` is a fresh mkdtemp name: nothing else has this one
+    if output.exists():
+        output.rename(aside)
+    try:
+        new.rename(output)
+    except OSError:
+        if aside.exists():
+            aside.rename(output)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prepare_output(output: Path) -> None:
@@ -256,19 +311,24 @@ def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, ba
 
     Before the folder is put in place, fp32 and INT8 classify up to ``check_images`` photos held back
     from calibration; below ``min_agreement`` percent top-1 agreement it raises ``AgreementTooLow`` and
-    leaves ``output`` as it was.
+    leaves ``output`` as it was. Too few photos to hold back (or read) for that bar to mean anything
+    (``min_check_images``) is a MixNetError, as is a calibration set of which none could be read;
+    unreadable photos are named on stderr and left out.
     """
     from ..pretrained.checkpoint import save_pretrained
 
-    _require_backend(backend)
+    _require_backend(backend, QUANTIZER_MODULES, _quantizing(backend), EXPORTER)
     output = Path(output)
     _prepare_output(output)
     say = progress or (lambda message: None)
-    calibrate_files, check_files = split_photos(calibration, images, check_images)
+    calibrate_files, check_files = split_photos(calibration, images, check_images, min_agreement)
     model = model.eval()
     say(f"calibrating on {len(calibrate_files)} photos from {calibration}, checking on {len(check_files)}")
     calibration_arrays = [x[i:i + 1].numpy() for _, x in load_batches(model, calibrate_files, workers=workers)
                           for i in range(len(x))]
+    if not calibration_arrays:
+        raise MixNetError(f"{calibration}: none of the {len(calibrate_files)} calibration photos could be read "
+                          f"(the lines above say why)")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -278,6 +338,11 @@ def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, ba
         save_pretrained(model, staging)
         check = compare_top1(model, int8_runner(graph, backend), model, check_files,
                              photo_labels(calibration, check_files, model), workers=workers)
+        needed = min_check_images(min_agreement, check_images)
+        if check.images < needed:
+            raise MixNetError(f"{calibration}: {check.images} of the {len(check_files)} held-back photos could be "
+                              f"read (the lines above say why); checking a {min_agreement:g}% agreement bar needs "
+                              f"at least {needed}")
         config = dict(backend=backend, graph=graph.name, calibration_images=len(calibration_arrays),
                       calibration_folder=str(calibration), check=asdict(check))
         with atomic_write(staging / QUANT_CONFIG, "w", encoding="utf-8") as f:
@@ -285,9 +350,8 @@ def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, ba
         if not check.agreement >= min_agreement:
             raise AgreementTooLow(f"INT8 ({backend}) {check.summary()}, below the required "
                                   f"{min_agreement:g}%; nothing written to {output}")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the folder gets ordinary permissions
+        _replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = sorted(p.name for p in output.iterdir())

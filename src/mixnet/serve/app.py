@@ -16,7 +16,9 @@ inside a LitServe batch would fail every request of that batch.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import MixNetError
@@ -37,6 +40,7 @@ try:
     from litserve.utils import WorkerSetupStatus
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
     from prometheus_client import generate_latest
+    from python_multipart.multipart import parse_options_header
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect
@@ -49,13 +53,24 @@ ENDPOINTS = ("/", "/health", "/info", "/metrics", PREDICT_PATH)
 # LitServe binds only these (all IPv4 interfaces, this machine only, all IPv6 interfaces).
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 MULTIPART_FIELD = "file"
+# An upload must keep coming and end in time: a client that stalls mid-body would otherwise hold its
+# connection, and the part of the body it sent, for as long as it likes, and hold up a graceful stop.
+# A pause of 10 s is far beyond any live connection's; 60 s is 20 MB (--max-body-mb) at 2.7 Mbit/s.
+BODY_IDLE_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
+# The fewest connections uvicorn serves at once (serve() allows two full batches per worker, one running
+# and one gathering, where that is more); it answers 503 to more, so that the bodies held in memory stay
+# under that many times --max-body-mb.
+MIN_CONNECTIONS = 64
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class RequestError(HTTPException):
-    """A request refused with a 4xx status: ``kind`` labels it in /metrics, the detail names the problem."""
+    """A request refused with a 4xx status: ``kind`` labels it in /metrics, the detail names the problem;
+    ``close`` ends the connection after the answer (the rest of the body is never read)."""
 
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(status_code=status, detail=message)
+    def __init__(self, status: int, kind: str, message: str, close: bool = False):
+        super().__init__(status_code=status, detail=message, headers={"Connection": "close"} if close else None)
         self.kind = kind
 
 
@@ -68,15 +83,22 @@ def media_type(request: Request) -> str:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole request body, refused as soon as it is known to be over ``max_bytes`` (from
-    Content-Length, or while streaming a chunked upload) or when the client goes away mid-upload."""
+    Content-Length, or while streaming a chunked upload), when the client goes away mid-upload, and when
+    it pauses for over ``BODY_IDLE_TIMEOUT_S`` or is not done in ``BODY_TIMEOUT_S`` (408)."""
     declared = request.headers.get("content-length")  # uvicorn has refused any that is not a number
     if declared is not None:
         if int(declared) > max_bytes:
             raise RequestError(413, "body_too_large", f"the body of {int(declared):,} bytes is over the limit of "
                                                       f"{max_bytes:,} bytes (--max-body-mb)")
     parts, size = [], 0
+    stream = request.stream()
+    deadline = time.monotonic() + BODY_TIMEOUT_S
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), min(BODY_IDLE_TIMEOUT_S, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
             size += len(chunk)
             if size > max_bytes:
                 raise RequestError(413, "body_too_large", f"the body is over the limit of {max_bytes:,} bytes "
@@ -85,6 +107,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     except ClientDisconnect:
         raise RequestError(400, "client_disconnected", f"the client disconnected after {size:,} bytes, before "
                                                        f"the upload finished") from None
+    except asyncio.TimeoutError:
+        raise RequestError(408, "body_timeout", f"the upload timed out after {size:,} bytes: the body must keep "
+                                                f"coming (pauses under {BODY_IDLE_TIMEOUT_S:g} s) and end within "
+                                                f"{BODY_TIMEOUT_S:g} s", close=True) from None
     return b"".join(parts)
 
 
@@ -97,7 +123,13 @@ async def multipart_file(request: Request, body: bytes) -> bytes:
         form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
     except MultiPartException as e:
         raise RequestError(400, "bad_multipart", f"malformed multipart/form-data body: {e.message}") from None
+    # The parser stops quietly where the body does and drops a part cut off before its boundary: a body
+    # without its closing boundary was cut short, and is refused as that, not as one without the field.
+    closing = b"--" + parse_options_header(request.headers["content-type"])[1][b"boundary"] + b"--"
     try:
+        if closing not in body:
+            raise RequestError(400, "bad_multipart", f"malformed multipart/form-data body: it ends before the "
+                                                     f"closing boundary {closing.decode('latin-1')}")
         upload = form.get(MULTIPART_FIELD)
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "missing_file_field", f"multipart/form-data without a file field named "
@@ -140,8 +172,15 @@ def image_error(problem: str) -> Dict[str, Any]:
     return dict(error=f"the uploaded image: {problem}", kind=kind, status=status)
 
 
-def _exit_quietly(signum, frame):
-    raise SystemExit(0)
+def process_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (0: none yet)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -157,17 +196,18 @@ class ClassifierAPI(ls.LitAPI):
         self.model_name = model_name
         self.topk = topk
         self.threads = threads
+        # the HTTP process's pid once it runs (MixNetServer._start_server), shared with the workers
+        self.http_pid = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
 
     def setup(self, device) -> None:
         import torch
         from PIL import Image
 
-        # Ctrl-C reaches the whole process group; the main process stops this worker itself once the
-        # HTTP process has answered the requests in flight.
+        # Ctrl-C, systemd's stop and `timeout` signal the whole process group, this worker too, but the
+        # requests in flight still need it: the main process stops it with a SIGTERM of its own once the
+        # HTTP process has answered them and ended. Ctrl-C is ignored; a SIGTERM is until then.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # That stop is a SIGTERM: exit through Python so that its clean-up runs (multiprocessing
-        # semaphores, such as tqdm's lock, are unlinked instead of reported as leaked).
-        signal.signal(signal.SIGTERM, _exit_quietly)
+        signal.signal(signal.SIGTERM, self.stop_once_the_http_process_ended)
         torch.set_num_threads(self.threads)
         self.model, self.forward = self.build_model(self.model_args)
         # /health turns 200 only after this: the first batches of each size are the slow ones.
@@ -175,6 +215,12 @@ class ClassifierAPI(ls.LitAPI):
         blank = Image.new("RGB", (side, side), (128, 128, 128))
         for n in sorted({1, self.max_batch_size}):
             self.classify([blank] * n)
+
+    def stop_once_the_http_process_ended(self, signum, frame):
+        if not process_running(self.http_pid.value):
+            # exit through Python so that its clean-up runs (multiprocessing semaphores, such as tqdm's
+            # lock, are unlinked instead of reported as leaked)
+            raise SystemExit(0)
 
     def classify(self, images: list) -> list:
         from ..inference.predict import predict
@@ -269,6 +315,7 @@ class MixNetServer(ls.LitServer):
         # set before LitServer.__init__, which registers the endpoints
         self.service_info = info
         self.max_body_bytes = max_body_bytes
+        self.classifier = api
         self.metrics = Metrics()
         self.failed_workers: List[str] = []
         super().__init__(api, accelerator="cpu", workers_per_device=workers, disable_openapi_url=True,
@@ -276,9 +323,9 @@ class MixNetServer(ls.LitServer):
         self.app.add_exception_handler(StarletteHTTPException, self.http_error)
         self.app.add_exception_handler(Exception, self.internal_error)
 
-    def error(self, status: int, kind: str, message: str) -> JSONResponse:
+    def error(self, status: int, kind: str, message: str, headers: Optional[dict] = None) -> JSONResponse:
         self.metrics.errors.labels(kind).inc()
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def http_error(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = getattr(exc, "kind", None) or http_error_kind(exc.status_code)
@@ -289,7 +336,7 @@ class MixNetServer(ls.LitServer):
             message = f"method {request.method} is not allowed on {request.url.path}"
             if request.url.path == PREDICT_PATH:
                 message += ": POST the image"
-        return self.error(exc.status_code, kind, message)
+        return self.error(exc.status_code, kind, message, exc.headers)
 
     async def internal_error(self, request: Request, exc: Exception) -> JSONResponse:
         # the traceback goes to the server's log (Starlette logs it), never to the client
@@ -305,6 +352,10 @@ class MixNetServer(ls.LitServer):
         self.app.add_api_route(self.info_path, lambda: JSONResponse(self.service_info), methods=["GET"])
         self.app.add_api_route("/metrics", lambda: Response(generate_latest(self.metrics.registry),
                                                             media_type=CONTENT_TYPE_LATEST), methods=["GET"])
+        # HEAD wherever GET goes (LitServe's /health included), as HTTP asks; uvicorn sends no body for it.
+        for route in self.app.router.routes:
+            if "GET" in getattr(route, "methods", ()):
+                route.methods.add("HEAD")
 
     def _register_api_endpoints(self, lit_api, request_type, response_type):
         handler = RegularRequestHandler(lit_api, self)
@@ -326,6 +377,21 @@ class MixNetServer(ls.LitServer):
         # /health answers 503 while the model loads and warms up. A worker that fails to start ends the
         # server (LitServe's worker monitor); its name is kept for the error message.
         pass
+
+    def _init_manager(self, num_api_servers):
+        # The manager process holds the queues and the shutdown event until the end of the shutdown below.
+        # Forked with the stop signals blocked (they wait here meanwhile), it outlives one sent to the whole
+        # process group (systemd's default KillMode, `timeout`, `kill -- -PGID`); manager.shutdown() ends it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _start_server(self, *args, **kwargs):
+        http_processes = super()._start_server(*args, **kwargs)
+        (self.classifier.http_pid.value,) = [p.pid for p in http_processes.values()]  # serve() starts one
+        return http_processes
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
         with contextlib.suppress(Exception):  # the manager may already be gone
@@ -354,17 +420,26 @@ def check_address(host: str, port: int) -> None:
 
 
 def model_name_of(model, source: Optional[str]) -> str:
+    """The model's name in every answer: its weights tag, else the name of the folder or file it came
+    from (never the path: that is the server's business), else its architecture."""
     cfg = model.pretrained_cfg
-    return cfg.get("tag") or source or cfg["architecture"]
+    return cfg.get("tag") or (source and Path(os.path.abspath(source)).name) or cfg["architecture"]
 
 
 def describe_service(model, name: str, args: argparse.Namespace, threads: int) -> dict:
     """What GET /info answers: the served model, its architecture's card (``mixnet info --json``), the
-    preprocessing this model's weights use, its classes, and the serving settings."""
+    preprocessing this model's weights use, its classes, and the serving settings, with the precision
+    and the runtime that runs it."""
     from ..data.images import eval_resize_size
+    from ..deploy.quantize import model_precision, quantized_folder, read_quantization_config
     from ..inference.predict import class_names
     from ..info import model_card
 
+    precision = model_precision(args.precision, args.weights, args.model)
+    if precision == "int8":
+        backend = read_quantization_config(quantized_folder(args.weights, args.model))["backend"]
+    else:
+        backend = "openvino" if precision == "bf16" else args.backend
     cfg = model.pretrained_cfg
     size = cfg["input_size"][-1]
     return dict(
@@ -375,8 +450,8 @@ def describe_service(model, name: str, args: argparse.Namespace, threads: int) -
                            mean=list(cfg["mean"]), std=list(cfg["std"])),
         classes=class_names(model),
         serving=dict(topk=args.topk, max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                     workers=args.workers, threads=threads, max_body_mb=args.max_body_mb, backend=args.backend,
-                     fast=args.fast))
+                     workers=args.workers, threads=threads, max_body_mb=args.max_body_mb, precision=precision,
+                     backend=backend, fast=args.fast))
 
 
 def serve(args: argparse.Namespace, build_model: Callable) -> int:
@@ -415,7 +490,8 @@ def serve(args: argparse.Namespace, build_model: Callable) -> int:
           f"loaded and warmed up; SIGTERM or Ctrl-C stops)", flush=True)
     try:
         server.run(host=args.host, port=args.port, num_api_servers=1, log_level=args.log_level,
-                   generate_client_file=False)
+                   generate_client_file=False,  # the rest are uvicorn's options
+                   limit_concurrency=max(MIN_CONNECTIONS, 2 * args.max_batch_size * args.workers))
     except (EOFError, ConnectionError):
         # LitServe's worker monitor shut the server down (and its multiprocessing manager with it) under
         # the main thread, which was waiting on that manager
