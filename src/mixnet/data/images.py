@@ -256,13 +256,14 @@ def collate(samples: Sequence[Any]) -> Batch:
 
 
 def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Callable], index: int) -> Any:
-    """The transformed image, or a ``FailedSample`` when the file cannot be loaded."""
+    """The transformed image, or a ``FailedSample`` when the image cannot be loaded or preprocessed."""
+    name = f"<image {index}>" if isinstance(source, Image.Image) else str(source)
     if isinstance(source, Image.Image):
         try:
             img = to_rgb(source)
             img.load()
         except (OSError, ValueError) as e:  # a truncated or undecodable image opened by the caller
-            return FailedSample(f"<image {index}>", first_line(e), index)
+            return FailedSample(name, first_line(e), index)
     else:
         try:
             img = load_image(source)
@@ -273,8 +274,7 @@ def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Call
     try:
         return transform(img)
     except Exception as e:  # noqa: BLE001 - one odd image (a shape the resize cannot make) fails alone
-        return FailedSample(str(source) if not isinstance(source, Image.Image) else f"<image {index}>",
-                            f"cannot be preprocessed: {first_line(e)}", index)
+        return FailedSample(name, f"cannot be preprocessed: {first_line(e)}", index)
 
 
 def folder_classes(root: PathLike) -> List[str]:

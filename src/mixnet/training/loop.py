@@ -460,10 +460,7 @@ def check_config(config: TrainConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise MixNetError(f"unknown {name} {getattr(config, name)!r} (use one of {', '.join(allowed)})")
-    try:
-        resolve_config(config.model, **config.model_args)
-    except (ValueError, TypeError) as e:
-        raise MixNetError(str(e)) from None
+    resolve_config(config.model, **config.model_args)  # an unknown model or argument: a MixNetError
     for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
         if getattr(config, name) < 1:
             raise MixNetError(f"{name} must be >= 1, got {getattr(config, name)}")
