@@ -88,7 +88,7 @@ async def load(url: str, photos: list, expected: list, n: int, clients: int, dea
             try:
                 async with session.post(url, data=photos[k], headers={"Content-Type": "image/jpeg"}) as r:
                     answer = await r.json()
-                    if r.status != 200 or answer["predictions"][0]["label"] != expected[k]:
+                    if r.status != 200 or answer["top"][0]["name"] != expected[k]:
                         errors.append(f"{r.status}: {answer}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 errors.append(repr(e))

@@ -193,6 +193,19 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     assert tuple(value) == (128, 128, 128)
 
 
+@pytest.mark.parametrize("dtype, white", [(np.float32, 1.0), (np.float32, 255.0), (np.int32, 65535),
+                                          (np.int32, 2 ** 31 - 1)])
+def test_float_and_32_bit_grey_tiffs_are_scaled_from_the_range_their_values_span(tmp_path, dtype, white):
+    grey = np.zeros((6, 8), dtype)
+    grey[:, 4:] = white  # left half black, right half the range's white, one pixel mid grey
+    grey[0, 0] = white / 2
+    Image.fromarray(grey).save(tmp_path / "g.tif")
+    assert Image.open(tmp_path / "g.tif").mode == ("F" if dtype == np.float32 else "I")
+    rgb = np.asarray(load_image(tmp_path / "g.tif"))
+    assert tuple(rgb[3, 1]) == (0, 0, 0) and tuple(rgb[3, 6]) == (255, 255, 255)
+    assert tuple(rgb[0, 0]) in ((127, 127, 127), (128, 128, 128))
+
+
 @pytest.mark.parametrize("orientation, expected_size", [(1, (40, 20)), (6, (20, 40)), (8, (20, 40)), (3, (40, 20))])
 def test_exif_orientation_applied(tmp_path, orientation, expected_size):
     array = np.zeros((20, 40, 3), np.uint8)

@@ -136,6 +136,16 @@ def test_cli_predict_json_and_exit_codes(weights_dir, images, capsys):
     assert "a_red.png" in out and "red (0)" in out and "blue (2)" in out
 
 
+def test_cli_predict_exits_2_when_no_image_could_be_read_as_validate_does(weights_dir, tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / "val" / "red").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / "red" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert main(["predict", str(tmp_path / "val"), "--weights", str(weights_dir), "--workers", "0"]) == 2
+    assert "3 of 3 images could not be classified" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "val"), "--weights", str(weights_dir), "--workers", "0"]) == 2
+    assert "none of the 3 images could be read" in capsys.readouterr().err
+
+
 def test_cli_predict_usage_errors(weights_dir, images, capsys):
     assert main(["predict", str(images / "missing.jpg"), "--weights", str(weights_dir)]) == 2
     assert "missing.jpg" in capsys.readouterr().err

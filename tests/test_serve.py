@@ -73,8 +73,8 @@ def metric_samples(server) -> dict:
 
 def assert_same_predictions(answer: dict, expected_prediction) -> None:
     assert answer["model"] == mixnet.DEFAULT_TAG
-    got = answer["predictions"]
-    assert [(p["label"], p["index"]) for p in got] == [(s.name, s.index) for s in expected_prediction.top]
+    got = answer["top"]
+    assert [(p["name"], p["index"]) for p in got] == [(s.name, s.index) for s in expected_prediction.top]
     # a different batch size may change the last float bits of a convolution, nothing more
     assert [p["probability"] for p in got] == pytest.approx([s.probability for s in expected_prediction.top],
                                                              abs=1e-5)

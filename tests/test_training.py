@@ -23,6 +23,7 @@ from PIL import Image
 
 from conftest import ALLOW_BF16, ALONE, COMPILES_TIMEOUT, HEAVY, RunsCode, allow_bf16, randomized
 from mixnet import TrainConfig, create_model, resume_training, train
+from mixnet.cli import main
 from mixnet.errors import MixNetError
 from mixnet.factory import load_model
 from mixnet.models.blocks import InvertedResidual
@@ -428,6 +429,22 @@ def test_max_minutes_stops_with_a_checkpoint_that_resumes(data, tmp_path):
     assert load_checkpoint(run / LAST).global_update == 0
     assert resume_training(str(run), max_minutes=None).completed
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_the_command_exits_3_at_max_minutes_and_0_when_done_with_json_a_script_can_read(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_cli_args(data, run, epochs=2, batch_size=6, train_size=32, eval_size=32, workers=0,
+                                     lr=3e-3, max_minutes=1e-9), "--json"]) == 3
+    stopped = json.loads(capsys.readouterr().out)
+    assert (stopped["completed"], stopped["epochs"], stopped["epochs_done"], stopped["final_model"]) == \
+        (False, 2, 0, None)
+    assert main(["train", "--resume", str(run), "--max-minutes", "0", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert (done["completed"], done["epochs_done"], done["final_model"]) == (True, 2, str(run / "final"))
+    rows = read_metrics(run)
+    best = max(rows, key=lambda r: max(float(r["val_top1"]), float(r["ema_val_top1"])))
+    assert done["best_top1"] == pytest.approx(max(float(best["val_top1"]), float(best["ema_val_top1"])), abs=1e-4)
+    assert [r["epoch"] for r in done["history"]] == [1, 2] and done["best_source"] in ("raw", "ema")
 @HEAVY
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     run = tmp_path / "ddp"
@@ -611,6 +628,14 @@ def test_recipes_fill_settings_and_overrides_win():
         TrainConfig.from_recipe(None, learning_rate=1.0)
 
 
+def test_a_short_run_of_any_recipe_warms_up_for_a_tenth_of_it_unless_told():
+    assert TrainConfig.from_recipe(None, epochs=1).warmup_epochs == pytest.approx(0.1)
+    assert TrainConfig.from_recipe("finetune", epochs=3).warmup_epochs == pytest.approx(0.3)
+    assert TrainConfig.from_recipe("finetune").warmup_epochs == 1  # its own 10 epochs: the recipe's
+    assert TrainConfig.from_recipe("ra", epochs=30).warmup_epochs == 3
+    assert TrainConfig.from_recipe("finetune", epochs=3, warmup_epochs=2).warmup_epochs == 2
+
+
 def test_small_data_settings_follow_the_run_length_unless_given():
     short, middle, long = (TrainConfig.from_recipe("small-data", epochs=e) for e in (5, 12, 48))
     # the 5-epoch values of docs/small-data.md
@@ -634,8 +659,6 @@ def test_small_data_settings_follow_the_run_length_unless_given():
 
 
 def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
-    from mixnet.cli import main
-
     with pytest.raises(SystemExit):
         main(["train", "-h"])
     help_text = capsys.readouterr().out

@@ -1,6 +1,8 @@
 """mixnet: one subcommand per job, each a thin layer over the Python API.
 
-Exit codes: 0 success, 1 the job ran but some inputs failed, 2 usage or input errors.
+Exit codes: 0 success, 1 the job ran but some inputs failed (or, for train, the run diverged), 2 usage or
+input errors (an input of which nothing could be read among them), 3 a training run stopped at --max-minutes (checkpointed: --resume continues it), 130
+interrupted (a training run checkpoints first), 141 the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -191,6 +193,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"mixnet predict: failed: {p.source}: {p.error}", file=sys.stderr)
     if failed:
         print(f"mixnet predict: {len(failed)} of {len(files)} images could not be classified", file=sys.stderr)
+    if len(failed) == len(files):  # nothing usable: an input error, as validate and quantize say it
+        return 2
     return 1 if failed else 0
 
 
@@ -233,10 +237,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise MixNetError("--recipe cannot change a run being resumed; give single settings instead")
-        resume(args.resume, **overrides)
+        result = resume(args.resume, **overrides)
     else:
-        train(TrainConfig.from_recipe(args.recipe, **overrides))
-    return 0  # a stop at --max-minutes is requested, and checkpointed: resume continues it
+        result = train(TrainConfig.from_recipe(args.recipe, **overrides))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    # A stop at --max-minutes is not a failure, but a script must not take the run for a finished one.
+    return 0 if result.completed else STOPPED_AT_TIME_LIMIT
+
+
+STOPPED_AT_TIME_LIMIT = 3
 
 
 def export_source_model(args: argparse.Namespace):
@@ -328,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="model card: parameters, MACs, preprocessing, pretrained weights")
     p.add_argument("names", nargs="+", metavar="NAME", help="architecture (or weights tag)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output: the card, or a list of cards "
+                                                       "for several names")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("predict", help="classify images: top-k classes with probabilities")
@@ -439,8 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.config import add_arguments as add_train_arguments
 
-    p = sub.add_parser("train", help="train or fine-tune on an ImageFolder dataset (resumable; torchrun for DDP)")
+    p = sub.add_parser("train", help="train or fine-tune on an ImageFolder dataset (resumable; torchrun for DDP)",
+                       epilog="exit status: 0 all epochs trained; 1 the loss diverged; 2 a setting or input that "
+                              "cannot work; 3 stopped at --max-minutes; 130 interrupted (Ctrl-C, SIGTERM). After 3 "
+                              "and 130 the run is checkpointed: --resume RUN_DIR continues it.")
     add_train_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the run's result as JSON at the end (best top-1, "
+                                                       "epochs done, the final model's folder, every epoch's row)")
     p.set_defaults(func=cmd_train)
     return parser
 

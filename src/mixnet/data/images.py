@@ -33,8 +33,11 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # Transparent pixels are shown on white, as an image viewer on a white page would.
 ALPHA_BACKGROUND = (255, 255, 255)
 
-# 16- and 32-bit integer grey images are taken to span the 16-bit range (16-bit PNG and TIFF).
-_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The full scale of wide grey modes: the first that holds the image's brightest value. 16-bit PNG and TIFF
+# span 16 bits; 32-bit integers hold 16-bit data (what older Pillow gives for 16-bit PNG) or span 31 bits;
+# floats span 0-1 by convention, else 0-255 or 16 bits.
+_WIDE_GREY_SCALES = {**dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), (65535.0,)),
+                     "I": (65535.0, 2.0 ** 31 - 1), "F": (1.0, 255.0, 65535.0)}
 
 
 class ImageLoadError(MixNetError):
@@ -54,10 +57,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: alpha over white, 16-bit grey scaled down, CMYK converted."""
     if img.mode == "RGB":
         return img
-    if img.mode in _WIDE_GREY_MODES:
-        # Pillow's own conversion clips at 255 (16-bit photos turn white); scale the range instead.
-        grey = np.asarray(img).astype(np.float32) / 257.0
-        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in _WIDE_GREY_SCALES:
+        # Pillow's own conversion clips at 255 (16-bit photos turn white, 0-1 floats black); scale instead.
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        peak = grey.max(initial=0.0)
+        full = next((f for f in _WIDE_GREY_SCALES[img.mode] if peak <= f), peak)
+        img = Image.fromarray(np.clip(np.rint(grey * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
         return img.convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:

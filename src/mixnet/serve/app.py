@@ -245,9 +245,9 @@ class ClassifierAPI(ls.LitAPI):
                     os.unlink(path)
         answers = []
         for i, result in enumerate(results):
-            answer = image_error(result.error) if result.error else dict(
-                model=self.model_name,
-                predictions=[dict(label=s.name, index=s.index, probability=s.probability) for s in result.top])
+            # the fields of `mixnet predict --json`, less the image's path here (a temporary file)
+            answer = image_error(result.error) if result.error else dict(model=self.model_name,
+                                                                         top=result.to_dict()["top"])
             # for /metrics, which the HTTP process keeps: the batch size, counted once per batch
             answer.update(batch_size=len(paths), batch_position=i)
             answers.append(answer)

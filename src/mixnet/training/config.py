@@ -121,6 +121,9 @@ class TrainConfig:
             if recipe in BUDGET_RULES:
                 values.update(BUDGET_RULES[recipe](overrides.get("epochs", values["epochs"])))
         values.update(overrides)
+        if "warmup_epochs" not in overrides:  # a short run warms up for a tenth of its length, not all of it
+            values["warmup_epochs"] = min(values.get("warmup_epochs", cls.warmup_epochs),
+                                          WARMUP_SHARE * values.get("epochs", cls.epochs))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -171,6 +174,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     ),
 }
 
+# The largest share of a run its warm-up takes unless set (a recipe's 1 or 2 epochs would be all of a short run).
+WARMUP_SHARE = 0.1
+
 # small-data's settings at 5 epochs that differ from its own (those of 30 epochs and more); see
 # small_data_budget. Evidence: docs/small-data.md.
 SHORT_RUN, LONG_RUN = 5, 30
@@ -185,7 +191,7 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
     AdamW's second moment averaged over fewer steps, and from milder crops (it underfits: every image is
     seen a few times only, and needs no dropout or drop-path); its lr_base, 0.024, is a little below the
     recipe's. Side by side on Imagenette over 5 epochs, each of these changes gained points. So warm-up
-    takes a tenth of the run (at most 2 epochs), and lr_base, the smallest crop area, the held fraction
+    takes a tenth of the run (at most 2 epochs; ``WARMUP_SHARE``, as in every recipe), and lr_base, the smallest crop area, the held fraction
     of the schedule, AdamW's beta2 and the dropout and drop-path rates go from their 5-epoch values to
     the recipe's at 30 epochs in proportion to log(epochs) (lr_base, crop area and 1 - beta2
     geometrically, the others linearly, the rates from 0).
@@ -199,7 +205,6 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
         return at_short ** (1 - f) * at_long ** f
 
     return dict(opt="muon" if epochs < LONG_RUN else recipe["opt"],
-                warmup_epochs=min(recipe["warmup_epochs"], 0.1 * epochs),
                 lr_base=round(between(short["lr_base"], recipe["lr_base"]), 6),
                 scale=(round(between(short["min_scale"], recipe["scale"][0]), 3), recipe["scale"][1]),
                 sched_hold=round(short["sched_hold"] * (1 - f), 3),
@@ -250,7 +255,8 @@ def _option_help(name: str, default: Any) -> str:
                                                         if name in scaled_settings(r) else "")
                  for r, values in RECIPES.items() if values.get(name, default) != default
                  or name in scaled_settings(r)]
-    return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "")
+    limit = ", at most a tenth of --epochs" if name == "warmup_epochs" else ""
+    return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "") + limit
 
 
 def add_arguments(parser) -> None:

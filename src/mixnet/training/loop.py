@@ -44,11 +44,20 @@ from .sampling import build_data, discover_classes, mix_seed, progressive_size
 @dataclass
 class TrainResult:
     run_dir: Path
+    epochs: int  # the run's length
     epochs_done: int
     completed: bool  # False: stopped by max_minutes (resume to continue)
     best_top1: Optional[float]
     best_epoch: Optional[int]
-    history: List[Dict[str, Any]]
+    best_source: Optional[str]  # "raw" or "ema": the weights that scored best_top1
+    final_model: Optional[Path]  # the hub folder of the best weights, once the run is complete
+    history: List[Dict[str, Any]]  # one row per epoch, as in metrics.csv
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The result as JSON values (``mixnet train --json``)."""
+        d = dataclasses.asdict(self)
+        d.update(run_dir=str(self.run_dir), final_model=self.final_model and str(self.final_model))
+        return d
 
 
 class NonFiniteLoss(MixNetError):
@@ -422,7 +431,9 @@ class Trainer:
         return save_pretrained(model, self.run_dir / FINAL, class_names=self.class_names)
 
     def result(self, completed: bool) -> TrainResult:
-        return TrainResult(self.run_dir, self.epoch, completed, self.best.top1, self.best.epoch, self.history)
+        final = self.run_dir / FINAL
+        return TrainResult(self.run_dir, self.config.epochs, self.epoch, completed, self.best.top1, self.best.epoch,
+                           self.best.source, final if completed and final.is_dir() else None, self.history)
 
 
 def build_mixer(config: TrainConfig, num_classes: int):
