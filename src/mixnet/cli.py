@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", metavar="NAME", help="architectures (default: mixnet_s)")
     p.add_argument("--batch-size", type=int_list, default=[1, 32], metavar="N,N",
                    help="comma-separated batch sizes (default: 1,32)")
-    p.add_argument("--image-size", type=positive_int, default=224, metavar="PX")
+    p.add_argument("--image-size", type=input_size, default=224, metavar="PX", help="at least 32 (default: 224)")
     p.add_argument("--fast", action="store_true", help="also our optimized paths (fused eager, "
                                                        "torch.compile, onnxruntime) and timm's")
     p.add_argument("--train", action="store_true", help="time a training step instead of inference")
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixnet-onnxruntime-int8, timm, timm-cl, timm-compile, timm-onnxruntime, "
                    "timm-openvino[-bf16|-int8], timm-onnxruntime-int8; with --train: mixnet, mixnet-cl, timm, timm-cl, "
                    "mixnet-cl-compile, timm-cl-compile")
-    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per path (default: 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed calls per path (default: 3)")
     p.add_argument("--repeats", type=positive_int, default=20, metavar="N",
                    help="interleaved timed rounds (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch/onnxruntime threads")

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MixNetError
-from ..factory import create_model
+from ..factory import check_model_name, create_model
 from ..models.fusion import optimize_for_inference
+from ..models.network import MIN_INPUT_SIZE
 
 # Inference paths. "mixnet*" are ours, "timm*" the oracle's; "-cl" = channels_last,
 # "-compile" = torch.compile, "-onnxruntime" / "-openvino" = exported to ONNX and run by that runtime,
@@ -290,17 +291,18 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
     if unknown:
         raise MixNetError(f"unknown benchmark path(s) {', '.join(unknown)} for "
                           f"{'training' if train else 'inference'}; choose from {', '.join(known)}")
+    for name in models:  # before any model is built or the progress bar drawn
+        check_model_name(name)
+    if image_size < MIN_INPUT_SIZE:
+        raise MixNetError(f"image size {image_size} is too small: MixNet needs at least {MIN_INPUT_SIZE} px")
     results: List[Measurement] = []
     bar = tqdm(total=len(models) * len(batch_sizes) * repeats, desc="benchmark", unit="round",
                disable=not show_progress)
     with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as tmp:
         for name in models:
-            try:
-                # the reference head: random logits, so checking each path against the model means something
-                torch.manual_seed(seed)
-                model = randomize_batchnorm(create_model(name, init="reference"), seed).eval()
-            except ValueError as e:
-                raise MixNetError(str(e)) from None
+            # the reference head: random logits, so checking each path against the model means something
+            torch.manual_seed(seed)
+            model = randomize_batchnorm(create_model(name, init="reference"), seed).eval()
             calib = (calibration_arrays(model, image_size, calibration, seed=seed)
                      if any(p.endswith("-int8") for p in paths) else [])
             for batch_size in batch_sizes:
