@@ -35,7 +35,7 @@ def labelled(tmp_path):
 def test_validate_known_accuracy(colour_model, labelled):
     result = validate(colour_model, labelled, batch_size=3, progress=False)
     assert result.num_images == 8 and result.num_failed == 1
-    assert result.failures[0]["path"].endswith("truncated.png")
+    assert result.failures[0]["image"].endswith("truncated.png") and "truncated" in result.failures[0]["error"]
     assert result.top1 == pytest.approx(100 * 7 / 8)
     assert result.topk == 3 and result.top5 == pytest.approx(100.0)  # 3 classes: the answer is always in top-3
     assert result.classes == ["blue", "green", "red"]

@@ -218,7 +218,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         print(result.summary())
     for f in result.failures:
-        print(f"mixnet validate: failed: {f['path']}: {f['problem']}", file=sys.stderr)
+        print(f"mixnet validate: failed: {f['image']}: {f['error']}", file=sys.stderr)
     return 1 if result.failures else 0
 
 

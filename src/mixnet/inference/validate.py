@@ -140,7 +140,7 @@ def validate(model, root: PathLike, batch_size: int = 64, workers: int = 0, forw
     start = time.perf_counter()
     with eval_mode(forward), tqdm(total=len(dataset), unit="img", desc="validate", disable=not progress) as bar:
         for batch in loader:
-            failures += [{"path": f.path, "problem": f.problem} for f in batch.failures]
+            failures += [{"image": f.path, "error": f.problem} for f in batch.failures]  # as predict --json
             if len(batch.targets):
                 logits = forward(batch.images.to(device)).float().cpu()
                 targets = batch.targets
@@ -160,7 +160,7 @@ def validate(model, root: PathLike, batch_size: int = 64, workers: int = 0, forw
     n = confusion.sum().item()
     if n == 0:
         raise MixNetError(f"{root}: none of the {len(dataset)} images could be read "
-                          f"(first: {failures[0]['path']}: {failures[0]['problem']})")
+                          f"(first: {failures[0]['image']}: {failures[0]['error']})")
     counts = confusion.sum(dim=1)
     per_class = {f: (100.0 * confusion[i, i].item() / counts[i].item() if counts[i] else None)
                  for i, f in enumerate(folders)}
