@@ -1,8 +1,9 @@
 """mixnet: one subcommand per job, each a thin layer over the Python API.
 
-Exit codes: 0 success, 1 the job ran but some inputs failed (or, for train, the run diverged), 2 usage or
-input errors (an input of which nothing could be read among them), 3 a training run stopped at --max-minutes (checkpointed: --resume continues it), 130
-interrupted (a training run checkpoints first), 141 the reader of the output went away.
+Exit codes: 0 success; 1 the job ran but some inputs failed (or, for train, the run diverged); 2 usage or
+input errors (among them an input of which nothing could be read); 3 a training run stopped at
+--max-minutes (checkpointed: --resume continues it); 130 interrupted (a training run checkpoints first);
+141 the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -417,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixnet-onnxruntime-int8, timm, timm-cl, timm-compile, timm-onnxruntime, "
                    "timm-openvino[-bf16|-int8], timm-onnxruntime-int8; with --train: mixnet, mixnet-cl, timm, timm-cl, "
                    "mixnet-cl-compile, timm-cl-compile")
-    p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed calls per path (default: 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N",
+                   help="untimed calls per path (default: 3)")
     p.add_argument("--repeats", type=positive_int, default=20, metavar="N",
                    help="interleaved timed rounds (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch/onnxruntime threads")

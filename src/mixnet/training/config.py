@@ -191,10 +191,10 @@ def small_data_budget(epochs: int) -> Dict[str, Any]:
     AdamW's second moment averaged over fewer steps, and from milder crops (it underfits: every image is
     seen a few times only, and needs no dropout or drop-path); its lr_base, 0.024, is a little below the
     recipe's. Side by side on Imagenette over 5 epochs, each of these changes gained points. So warm-up
-    takes a tenth of the run (at most 2 epochs; ``WARMUP_SHARE``, as in every recipe), and lr_base, the smallest crop area, the held fraction
-    of the schedule, AdamW's beta2 and the dropout and drop-path rates go from their 5-epoch values to
-    the recipe's at 30 epochs in proportion to log(epochs) (lr_base, crop area and 1 - beta2
-    geometrically, the others linearly, the rates from 0).
+    takes a tenth of the run (at most 2 epochs; ``WARMUP_SHARE``, as in every recipe), and lr_base, the
+    smallest crop area, the held fraction of the schedule, AdamW's beta2 and the dropout and drop-path
+    rates go from their 5-epoch values to the recipe's at 30 epochs in proportion to log(epochs)
+    (lr_base, crop area and 1 - beta2 geometrically, the others linearly, the rates from 0).
     Runs shorter than ``LONG_RUN`` train the dense convolutions with Muon (it learnt more per step at 5
     and 20 epochs); longer ones keep the recipe's AdamW, with which the built-in model was trained.
     """
