@@ -230,6 +230,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args, inference_model)
 
 
+STOPPED_AT_TIME_LIMIT = 3  # train's status for a run stopped by --max-minutes (checkpointed)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import TrainConfig, overrides_from_args
     from .training.loop import resume, train
@@ -245,9 +248,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     # A stop at --max-minutes is not a failure, but a script must not take the run for a finished one.
     return 0 if result.completed else STOPPED_AT_TIME_LIMIT
-
-
-STOPPED_AT_TIME_LIMIT = 3
 
 
 def export_source_model(args: argparse.Namespace):
