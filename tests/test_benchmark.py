@@ -70,6 +70,27 @@ def test_an_unknown_model_or_a_size_under_32_is_refused_in_one_line_before_any_w
         main(["benchmark", "--warmup", "-1"])
 
 
+def test_bf16_or_a_missing_runtime_is_refused_in_one_line_before_any_path_is_built(capsys, monkeypatch, tmp_path):
+    import sys
+
+    from mixnet.deploy import benchmark, runtimes
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx2\n")  # Zen 3: no bf16
+    monkeypatch.setattr(runtimes, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(benchmark, "build_path", lambda *a, **k: pytest.fail("built a path before refusing"))
+    assert main(["benchmark", "--model", "mixnet_s", "--batch-size", "1", "--image-size", "64", "--precision",
+                 "bf16", "--repeats", "1", "--warmup", "0", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("mixnet benchmark: error: --precision bf16 needs")
+    assert len(captured.err.splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    assert main(["benchmark", "--paths", "mixnet,mixnet-onnxruntime", "--image-size", "64", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("mixnet benchmark: error: the benchmark path mixnet-onnxruntime needs onnxruntime: "
+                           "pip install 'mixnet[onnx]'")
+
+
 def test_cli_json_smoke(capsys):
     pytest.importorskip("timm")
     code = main(["benchmark", "--model", "mixnet_s", "--batch-size", "1", "--image-size", "64",

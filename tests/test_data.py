@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -227,6 +228,23 @@ def test_exif_orientation_applied(tmp_path, orientation, expected_size):
         assert out[10, -3, 0] > 200 and out[10, 2, 2] > 200
 
 
+def test_an_opened_image_gets_the_exif_orientation_its_file_gets(tmp_path):
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20] = (255, 0, 0)
+    img = Image.fromarray(array)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    path = tmp_path / "o.jpg"
+    img.save(path, exif=exif, quality=95)
+    identity = lambda im: torch.from_numpy(np.asarray(im).copy())  # noqa: E731
+    with Image.open(path) as opened:
+        from_file, from_image = ImageList([path, opened], transform=identity)[0][0], ImageList([opened], identity)[0][0]
+    assert from_image.shape == from_file.shape == (40, 20, 3)
+    assert torch.equal(from_image, from_file)
+    upright = load_image(path)  # already transposed: no orientation tag left, so it stays as it is
+    assert torch.equal(ImageList([upright], identity)[0][0], from_file)
+
+
 def test_truncated_empty_and_non_image_are_reported_by_name(tmp_path):
     good = tmp_path / "good.jpg"
     Image.fromarray(photo_like(64, 64)).save(good)
@@ -345,3 +363,14 @@ def test_a_folder_link_to_its_parent_lists_each_image_once(tmp_path):
     (tmp_path / "photos" / "sub" / "up").symlink_to(tmp_path / "photos")
     files = list_image_files(tmp_path / "photos")
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["photos/1.jpg", "photos/sub/2.jpg"]
+
+
+def test_a_class_folder_linking_back_to_the_dataset_labels_each_photo_once_and_by_its_own_folder(tmp_path):
+    for name in ("cat/1.jpg", "cat/2.jpg", "dog/3.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dog" / "all").symlink_to(tmp_path)  # e.g. a link made by mistake: back to the root
+    (tmp_path / "dog" / "more").symlink_to(tmp_path / "cat")  # a deliberate link to another folder's photos
+    samples = [(os.path.relpath(p, tmp_path), t) for p, t in LabelledImageFolder(tmp_path).samples]
+    assert samples == [("cat/1.jpg", 0), ("cat/2.jpg", 0), ("dog/3.jpg", 1), ("dog/more/1.jpg", 1),
+                       ("dog/more/2.jpg", 1)]

@@ -165,6 +165,22 @@ def test_wnid_folders_map_onto_imagenet(imagenet_model):
         map_folders_to_classes(["n01440764", "n99999999"], imagenet_model)
 
 
+def test_two_folders_naming_one_class_are_refused_not_scored_as_one(colour_model, weights_dir, tmp_path, capsys,
+                                                                     imagenet_model):
+    # Both would share one row of the confusion matrix: one folder's images counted as the other's, and
+    # the first reported with no images at all.
+    with pytest.raises(MixNetError, match="'Tench' and 'tench' are both class 0 \\(tench\\)"):
+        map_folders_to_classes(["Tench", "tench", "golf_ball"], imagenet_model)
+    write_colour_image(tmp_path / "val" / "red" / "a.png", "red")
+    write_colour_image(tmp_path / "val" / "Red" / "b.png", "red")
+    write_colour_image(tmp_path / "val" / "blue" / "c.png", "blue")
+    with pytest.raises(MixNetError, match="'Red' and 'red' are both class 0"):
+        validate(colour_model, tmp_path / "val", progress=False)
+    assert main(["validate", str(tmp_path / "val"), "--weights", str(weights_dir), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixnet validate: error: folders naming the same class") and len(err.splitlines()) == 1
+
+
 def test_subset_model_maps_wnids_through_its_names():
     with torch.device("meta"):
         model = create_model("mixnet_s", num_classes=3)

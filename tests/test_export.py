@@ -87,6 +87,54 @@ def test_cli_export_writes_a_checked_file(tmp_path, capsys):
     assert not (tmp_path / "r.ts").exists()
 
 
+def test_cli_export_of_random_weights_has_logits_for_its_check_to_compare(tmp_path, capsys):
+    # Zero-initialised residual branches and classifier would give all-zero logits: the check after
+    # writing would compare zeros with zeros and pass whatever the exported graph computes.
+    out = tmp_path / "s.ts"
+    assert main(["export", "mixnet_s", "--random-weights", "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    logits = load_exported(out)(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert logits.abs().max() > 0.1 and logits.std(dim=1).min() > 0
+
+
+def test_an_output_where_nothing_can_be_created_is_refused_in_one_line_before_any_work(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from pathlib import Path
+
+    locked = Path("/proc")  # no file can be created there, not even by root (chmod cannot stop root)
+    if not (locked / "self").is_dir():
+        pytest.skip("needs Linux's /proc")
+
+    def no_work(*args, **kwargs):
+        pytest.fail("the work ran before the unwritable output was refused")
+
+    monkeypatch.setattr("mixnet.deploy.export.export_model", no_work)
+    monkeypatch.setattr("mixnet.cli.inference_model", no_work)
+    monkeypatch.setattr("mixnet.inference.predict.resolve_model", no_work)
+    (tmp_path / "n01440764").mkdir()
+    (tmp_path / "n01440764" / "a.png").write_bytes(b"")
+    for argv, what in ((["export", "mixnet_s", "--random-weights", "-o", str(locked / "m.onnx")], "--output"),
+                       (["validate", str(tmp_path), "--out", str(locked / "r.json")], "--out"),
+                       (["quantize", "mixnet_s.imagenette", "--calibration", str(tmp_path), "-o", str(locked / "q")],
+                        "--output")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mixnet {argv[0]}: error: {what} {locked}/") and "cannot create files in /proc" in err
+        assert len(err.splitlines()) == 1
+
+
+def test_a_checked_onnx_export_without_onnxruntime_is_refused_before_exporting(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    monkeypatch.setitem(EXPORTERS, "onnx", lambda *a: pytest.fail("exported before refusing"))
+    assert main(["export", "mixnet_s", "--random-weights", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixnet export: error: checking an ONNX export runs it in onnxruntime: pip install "
+                          "'mixnet[onnx]'") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_check_scales_with_the_logits(tmp_path):
     # A trained model's logits on noise reach the hundreds; fp32 rounding then exceeds 1e-4 absolute, so
     # the check is relative to the logit scale: the export passes, and the absolute error stays tiny

@@ -78,6 +78,14 @@ def test_stats_cache_is_written_and_reused(monkeypatch):
     assert model_stats(["mixnet_s"]) == first
 
 
+def test_a_cache_folder_that_cannot_be_made_only_costs_counting_again(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("MIXNET_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert model_stats(["mixnet_s"])["mixnet_s"]["params"] == 4_134_606
+    assert main(["list", "--json"]) == 0
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)][0] == "mixnet_s"
+
+
 def test_model_card_fields():
     card = model_card("mixnet_s.ft_in1k")  # a tag names its architecture
     assert card["name"] == "mixnet_s"

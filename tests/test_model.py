@@ -251,6 +251,12 @@ def test_unknown_model_lists_close_matches():
         mixnet.create_model("mixnet_ss")
 
 
+def test_an_unknown_weights_tag_is_refused_even_without_pretrained_as_timm_refuses_it():
+    with pytest.raises(ValueError, match=r"unknown weights tag 'mixnet_s\.nope' \(known: mixnet_s\.ft_in1k"):
+        mixnet.create_model("mixnet_s.nope")
+    assert mixnet.create_model("mixnet_s.ft_in1k").num_classes == 1000  # a known tag names its architecture
+
+
 def test_unknown_override_is_refused():
     with pytest.raises(TypeError, match="width_multipler"):
         mixnet.create_model("mixnet_s", width_multipler=2.0)

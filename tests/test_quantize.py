@@ -258,6 +258,25 @@ def test_unreadable_photos_among_good_ones_are_each_reported_and_left_out(colour
     assert result.calibration_images + result.check.images == len(COLOURS) * PHOTOS_PER_COLOUR
 
 
+@pytest.mark.parametrize("backend", INSTALLED_BACKENDS[:1])
+def test_an_output_below_a_file_is_refused_in_one_line_before_any_photo_is_read(colour_model, weights_dir, photos,
+                                                                                 tmp_path, monkeypatch, capsys,
+                                                                                 backend):
+    def no_photos(*args, **kwargs):
+        raise AssertionError("photos were read before the impossible output was refused")
+
+    monkeypatch.setattr("mixnet.deploy.quantize.load_batches", no_photos)
+    (tmp_path / "a-file").write_text("not a folder")
+    output = tmp_path / "a-file" / "q"
+    with pytest.raises(MixNetError, match="a-file is a file, not a directory"):
+        quantize_model(colour_model, photos, output, backend=backend)
+    code = main(["quantize", str(weights_dir), "--calibration", str(photos), "--output", str(output),
+                 "--backend", backend, "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"mixnet quantize: error: {output}: {tmp_path / 'a-file'} is a file, not a "
+                                 f"directory; choose another --output")
+
+
 @pytest.mark.parametrize("backend", INSTALLED_BACKENDS)
 def test_a_missing_exporter_is_reported_before_any_photo_is_read(weights_dir, photos, tmp_path, monkeypatch,
                                                                  capsys, backend):

@@ -107,6 +107,7 @@ def test_answers_for_the_example_photos_equal_mixnet_predict(server, expected, f
 TENCH = EXAMPLES[-1].read_bytes()
 NO_FILE_FIELD, NO_FILE_FIELD_TYPE = multipart({"photo": ("tench.jpg", TENCH)})
 FILE_FIELD, FILE_FIELD_TYPE = multipart({"file": ("tench.jpg", TENCH)})
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
 HOSTILE = {
     # name: (method, path, body, headers, status, words the error must contain)
     "not an image": ("POST", "/predict", b"hello, this is text", {"Content-Type": "image/png"}, 415, "not an image"),
@@ -129,7 +130,12 @@ HOSTILE = {
                             "multipart"),
     "multipart cut off in its file field": ("POST", "/predict", FILE_FIELD[: len(FILE_FIELD) // 2],
                                             {"Content-Type": FILE_FIELD_TYPE}, 400, "ends before the closing boundary"),
+    "PostScript, which Pillow decodes by running Ghostscript": ("POST", "/predict", EPS, {"Content-Type": "image/x-eps"},
+                                                                415, "(EPS;"),
     "unknown endpoint": ("GET", "/admin", None, {}, 404, "/admin"),
+    # no redirect to the path without the slash: its Location would echo the client's Host header
+    "trailing slash": ("POST", "/predict/", TENCH, {"Content-Type": "image/jpeg"}, 404, "/predict/"),
+    "trailing slash, forged Host": ("GET", "/info/", None, {"Host": "evil.example"}, 404, "/info/"),
 }
 
 
@@ -263,13 +269,17 @@ def test_metrics_count_requests_errors_by_kind_and_latency(server):
     assert grew("mixnet_serve_predict_latency_seconds_sum") > 0
 
 
-def test_info_gives_the_model_card_and_its_preprocessing(server):
+def test_info_gives_the_served_models_card_and_its_preprocessing(server):
     from mixnet.info import model_card
 
     status, _, body = server.request("GET", "/info")
     info = json.loads(body)
     assert status == 200 and info["model"] == mixnet.DEFAULT_TAG
-    assert info["card"] == json.loads(json.dumps(model_card("mixnet_s")))  # what `mixnet info --json` prints
+    # what `mixnet info mixnet_s.imagenette --json` prints: the served model's size, not the 1,000-class one
+    assert info["card"] == json.loads(json.dumps(model_card(mixnet.DEFAULT_TAG)))
+    served = mixnet.load_model(mixnet.DEFAULT_TAG)
+    assert info["card"]["params"] == sum(p.numel() for p in served.parameters()) < 3_000_000
+    assert info["card"]["num_classes"] == 10 and info["card"]["input_size"] == [3, 176, 176]
     # the built-in model's weights are evaluated at 176 px: resize to floor(176 / 0.875) = 201, crop 176
     assert info["preprocessing"] == dict(input_size=[3, 176, 176], resize_size=201, crop_size=176, crop_pct=0.875,
                                          interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -290,6 +300,8 @@ def test_a_quantized_folder_is_served_as_int8_under_its_folder_name_never_its_pa
     name = app.model_name_of(model, args.model)
     info = app.describe_service(model, name, args, threads=1)
     assert name == "q1" and info["model"] == "q1" and str(tmp_path) not in json.dumps(info)
+    assert info["card"]["params"] == sum(p.numel() for p in model.parameters())
+    assert info["card"]["num_classes"] == len(info["classes"]) == model.num_classes
     assert info["serving"]["precision"] == "int8" and info["serving"]["backend"] == "onnxruntime"
 
 
@@ -316,6 +328,15 @@ def test_a_model_option_that_cannot_work_is_a_one_line_error_before_the_server_s
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(missing) in result.stderr
     assert "http://" not in result.stdout  # it never announced a server
+
+
+@pytest.mark.parametrize("value", ["1e308", "1e7"])
+def test_a_body_limit_too_large_to_mean_anything_is_a_usage_error_not_an_overflow_traceback(value, capsys):
+    from mixnet.cli import build_parser
+
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["serve", "--max-body-mb", value])  # 1e308 MB in bytes overflowed int()
+    assert refused.value.code == 2 and "--max-body-mb" in capsys.readouterr().err
 
 
 def test_a_missing_serve_extra_is_a_one_line_error_naming_the_pip_command():

@@ -45,3 +45,31 @@ def test_the_page_uploads_a_photo_and_shows_the_top_5_of_mixnet_predict(tmp_path
     assert labels == [s.name for s in expected]
     assert percents == [f"{100 * s.probability:.2f}%" for s in expected]
     assert [float(w.rstrip("%")) for w in widths] == pytest.approx([100 * s.probability for s in expected], abs=0.05)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+def test_the_page_shows_an_error_answer_that_is_not_json_as_its_status_not_as_a_parse_failure():
+    """A reverse proxy's HTML error page (nginx's 413 for a photo over its body limit) or uvicorn's plain-text
+    503 reaches the page instead of the server's JSON; the page is served here without a server."""
+    from importlib import resources
+
+    from playwright.sync_api import sync_playwright
+
+    page_html = resources.files("mixnet.serve").joinpath("page.html").read_text(encoding="utf-8")
+    photo = next(p for p in EXAMPLES if p.stem == "golf_ball")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route("http://mixnet.test/", lambda r: r.fulfill(status=200, content_type="text/html", body=page_html))
+            page.route("http://mixnet.test/info", lambda r: r.fulfill(status=200, content_type="application/json",
+                                                                     body='{"model": "m", "classes": ["a"]}'))
+            page.route("http://mixnet.test/predict", lambda r: r.fulfill(
+                status=413, content_type="text/html", body="<html><body><h1>413 Request Entity Too Large</h1></body></html>"))
+            page.goto("http://mixnet.test/")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=30_000)
+            status = page.locator("#status").text_content()
+        finally:
+            browser.close()
+    assert status.startswith("Error 413") and "SyntaxError" not in status and "Request failed" not in status

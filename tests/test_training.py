@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from mixnet.factory import load_model
 from mixnet.models.blocks import InvertedResidual
 from mixnet.training.distributed import setup_runtime
 from mixnet.training.loop import NonFiniteLoss, Trainer
-from mixnet.training.run_dir import BEST, LAST, load_checkpoint
+from mixnet.training.run_dir import BEST, LAST, load_checkpoint, write_curves
 from mixnet.training.sampling import mix_seed, progressive_size
 from serve_process import free_port
 
@@ -298,6 +299,67 @@ def test_settings_that_cannot_work_are_refused_before_the_run_starts(data, tmp_p
     assert not (tmp_path / "run").exists() and (tmp_path / "a-file").read_text() == "not a run"
 
 
+@pytest.mark.parametrize("setting,message", [
+    ({"lr_base_size": 0}, "lr_base_size must be > 0"),
+    ({"sched": "step", "decay_epochs": 0}, "decay_epochs must be > 0"),
+    ({"drop_rate": 1.5}, "drop_rate must be in [0, 1)"), ({"drop_path_rate": -0.1}, "drop_path_rate must be in"),
+    ({"lr": -1.0}, "lr must be >= 0"), ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"ema_decay": 1.5}, "ema_decay must be in [0, 1]"), ({"clip_grad": -1.0}, "clip_grad must be > 0"),
+    ({"randaugment_ops": -1}, "randaugment_ops must be >= 0"), ({"mixup": -0.2}, "mixup must be >= 0"),
+    ({"warmup_epochs": -1.0}, "warmup_epochs must be >= 0"), ({"max_minutes": -1.0}, "max_minutes must be >= 0")])
+def test_numeric_settings_that_would_crash_or_silently_mislead_are_refused_before_the_run_starts(
+        data, tmp_path, setting, message):
+    with pytest.raises(MixNetError, match=re.escape(message)):
+        train(tiny_config(data, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_stopped_before_its_last_metrics_and_final_model_were_written_writes_them(
+        data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    exported = (run / "final" / "model.safetensors").read_bytes()
+    resume_training(str(run))  # a complete, current export is left as it is
+    assert (run / "final" / "model.safetensors").read_bytes() == exported
+    (run / "final" / "config.json").unlink()  # killed after the last checkpoint, while exporting final/
+    result = resume_training(str(run))
+    assert result.completed and result.final_model == run / "final"
+    assert (run / "final" / "config.json").is_file()
+    assert (run / "final" / "model.safetensors").read_bytes() == exported
+    shutil.rmtree(run / "final")  # killed before exporting it, or before writing the last metrics even
+    (run / "metrics.csv").unlink()
+    assert resume_training(str(run)).final_model == run / "final"
+    assert [row["epoch"] for row in read_metrics(run)] == ["1"]
+    assert (run / "final" / "model.safetensors").read_bytes() == exported
+
+
+def test_resume_refuses_an_output_other_than_the_run_directory(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    assert main(["train", "--resume", str(run), "--output", str(tmp_path / "elsewhere")]) == 2
+    assert "a resumed run continues in its own directory" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+    assert resume_training(str(run), output=str(run)).completed  # the same directory, named again, is fine
+
+
+def test_resume_refuses_a_recipe_or_starting_weights_it_would_not_apply(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    with pytest.raises(MixNetError, match="a recipe cannot change a run being resumed"):
+        resume_training(str(run), recipe="ra")
+    assert load_checkpoint(run / LAST).config["recipe"] is None
+    with pytest.raises(MixNetError, match="--pretrained only chooses a run's starting weights"):
+        resume_training(str(run), pretrained="mixnet_s.imagenette")
+    assert load_checkpoint(run / LAST).config["pretrained"] is None
+
+
+def test_curves_of_epochs_without_validation_are_drawn_without_a_legend_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_curves(tmp_path / "curves.png", [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.9}])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_a_run_that_failed_before_its_first_update_may_be_started_again(data, tmp_path, monkeypatch):
     from mixnet.training import loop as training
 
@@ -532,6 +594,17 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capsys):
     assert float(read_metrics(run)[0]["bad_images"]) == 2
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_folder_of_which_no_image_can_be_read_stops_the_run_rather_than_scoring_nothing(tmp_path, capsys, split):
+    root = make_dataset(tmp_path / "data")
+    for image in (root / split).rglob("*.png"):
+        image.write_bytes(b"not an image")
+    with pytest.raises(MixNetError, match="could be read") as failure:
+        train(tiny_config(root, tmp_path / "run", epochs=1))
+    assert str(root / split) in str(failure.value)
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_val_class_missing_from_train_is_reported_and_not_scored(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     extra = root / "val" / "unseen"
@@ -541,6 +614,22 @@ def test_val_class_missing_from_train_is_reported_and_not_scored(tmp_path, capsy
     train(tiny_config(root, run, epochs=1))
     assert "unseen" in capsys.readouterr().err
     assert load_checkpoint(run / LAST).class_names == ["class0", "class1", "class2"]
+
+
+def test_resuming_on_a_folder_whose_classes_differ_from_the_runs_warns_of_each_difference(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1))
+    capsys.readouterr()
+    resume_training(str(run))
+    assert "the run's classes" not in capsys.readouterr().err
+    moved = tmp_path / "moved"  # the dataset moved, and one class was renamed on the way
+    shutil.copytree(data, moved)
+    for split in ("train", "val"):
+        (moved / split / "class2").rename(moved / split / "other")
+    resume_training(str(run), data=str(moved))
+    err = capsys.readouterr().err
+    assert f"1 of the run's classes have no training images in {moved / 'train'}: class2" in err
+    assert f"1 class folder(s) of {moved / 'train'} are not among the run's classes and are ignored" in err
 
 
 def test_a_training_class_missing_from_val_is_reported(tmp_path, capsys):
@@ -577,6 +666,25 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     state = load_checkpoint(run / LAST)
     assert state.epoch == 1
     assert all(torch.isfinite(t).all() for t in state.state_dict.values() if t.is_floating_point())
+
+
+def test_weights_gone_nan_behind_a_finite_loss_never_replace_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    step = Trainer.step
+
+    def step_then_blow_up(self, micro):  # the epoch's last update leaves NaN weights, its loss was finite
+        result = step(self, micro)
+        if self.epoch == 0 and self.update == self.data.updates_per_epoch - 1:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(Trainer, "step", step_then_blow_up)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="the weights became NaN/infinite by the end of epoch 1"):
+        train(tiny_config(data, run, epochs=2))
+    state = load_checkpoint(run / LAST)
+    assert all(torch.isfinite(t).all() for t in state.state_dict.values() if t.is_floating_point())
+    assert not (run / BEST).exists() and not (run / "final").exists()
 
 
 def test_full_disk_on_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
@@ -671,3 +779,16 @@ def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
     assert f"small-data: {TrainConfig.from_recipe('small-data').epochs}" in epochs_line
     assert "finetune" not in epochs_line  # the finetune recipe keeps the generic default
     assert "[--ema | --no-ema]" in help_text and "--opt {sgd,adamw,rmsproptf,muon}" in help_text
+
+
+def test_train_help_says_what_an_unset_lr_pretrained_or_time_limit_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "-h"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    def option(flag):
+        return help_text[help_text.index(f" {flag} {flag.lstrip('-').upper().replace('-', '_')} "):][:300]
+
+    assert "--lr-base x global batch / --lr-base-size" in option("--lr")
+    assert "finetune: the --model's published weights" in option("--pretrained")
+    assert "exit 3" in option("--max-minutes") and "0: no limit" in option("--max-minutes")

@@ -482,6 +482,17 @@ def test_truncated_file_is_a_one_line_error(tmp_path, reference, suffix):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("content, said", [(b"", "empty"), (None, r"it starts with b'\\xff\\xd8")])
+def test_a_file_that_is_no_checkpoint_at_all_is_named_so_not_suspected_of_holding_code(tmp_path, content, said):
+    path = tmp_path / "model.pth"  # e.g. a photo passed as --weights by mistake, or an empty download
+    example = Path(__file__).resolve().parents[1] / "examples" / "church.jpg"
+    path.write_bytes(example.read_bytes() if content is None else content)
+    with pytest.raises(MixNetError, match=rf"{path}: not a PyTorch checkpoint \(neither a zip archive nor a "
+                                          rf"pickle; {said}") as error:
+        load_model(path, architecture="mixnet_s")
+    assert "code" not in str(error.value)
+
+
 def test_wrong_architecture_is_named(timm, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(timm.create_model("mixnet_m").state_dict(), path)

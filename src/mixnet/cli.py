@@ -152,6 +152,8 @@ def number_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 crop_fraction = number_in(0, 1, low_open=True)
 positive_number = number_in(0, math.inf, low_open=True, high_open=True)
 percentage = number_in(0, 100)
+# serve's upload limit, in MiB: bounded, so that it counts in bytes (1e308 MB overflowed int())
+body_megabytes = number_in(0, 1e6, low_open=True)
 # LitServe answers 504 to a request that waits 30 s, so a batch must be sent well before that.
 batch_wait_ms = number_in(0, 30_000, high_open=True)
 
@@ -199,14 +201,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def check_output_location(path: str, what: str, folder: bool = False) -> None:
+    """Refuse in one line, before any work, an output that cannot be written: a directory where a file goes
+    (unless ``folder``), a path below a file, or a place where nothing can be created (a read-only or
+    unwritable folder), which would otherwise be a traceback after the work."""
+    import tempfile
+    from pathlib import Path
+
+    from .fileio import check_writable_file
+
+    if not folder:
+        check_writable_file(path, what)
+    existing = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # below a file: check_writable_file (or quantize, for a folder) says so
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mixnet-write-check.", dir=existing)
+    except OSError as e:
+        raise MixNetError(f"{what} {path}: cannot create files in {existing} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.images import folder_classes
     from .inference.validate import validate
-    from .fileio import atomic_write, check_writable_file
+    from .fileio import atomic_write
 
     folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
     if args.out:
-        check_writable_file(args.out, "--out")
+        check_output_location(args.out, "--out")
     model, forward = inference_model(args)
     result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
                       progress=True, image_size=args.image_size, crop_pct=args.crop_pct)
@@ -261,7 +285,12 @@ def export_source_model(args: argparse.Namespace):
 
         if args.source not in MODELS:
             raise MixNetError(f"--random-weights needs an architecture name, got {args.source!r}")
-        return create_model(args.source).eval()
+        from .deploy.benchmark import randomize_batchnorm
+
+        # Not the default zero init: zero residual branches and a zero classifier give all-zero logits, so
+        # the check after writing would compare nothing. The paper's init with random batch-norm statistics
+        # gives logits of order 1 and batch norm that folding really changes.
+        return randomize_batchnorm(create_model(args.source, init="reference")).eval()
     from .inference.predict import resolve_model
 
     if args.weights:
@@ -272,10 +301,8 @@ def export_source_model(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_model, format_from_path
 
-    from .fileio import check_writable_file
-
     fmt = args.format or format_from_path(args.output)
-    check_writable_file(args.output, "--output")
+    check_output_location(args.output, "--output")
     result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
                           check=not args.no_check)
     report = dict(path=str(result.path), format=result.format, size_bytes=result.size_bytes,
@@ -315,6 +342,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .deploy.quantize import AgreementTooLow, quantize_model
     from .inference.predict import resolve_model
 
+    check_output_location(args.output, "--output", folder=True)
     model = resolve_model(args.weights and args.source, args.weights or args.source)
     try:
         result = quantize_model(model, args.calibration, args.output, backend=args.backend, images=args.images,
@@ -372,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE|DIR|TAG", help="weights for the architecture NAME")
     p.add_argument("--random-weights", action="store_true", help="export the architecture NAME untrained")
     p.add_argument("--tolerance", type=positive_number, default=1e-4,
-                   help="largest logit difference from PyTorch accepted (default: %(default)g)")
+                   help="largest logit difference from PyTorch accepted, as a fraction of the logit scale "
+                        "(max |logit|) where that exceeds 1 (default: %(default)g)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_export)
@@ -443,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch/onnxruntime threads in each inference process (default: (cores - 1) / workers, "
                         "at least 1: a core is left to the HTTP process)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes per answer (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=positive_number, default=20, metavar="MB",
+    p.add_argument("--max-body-mb", type=body_megabytes, default=20, metavar="MB",
                    help="largest upload accepted (default: %(default)s)")
     add_backend_arguments(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",

@@ -46,6 +46,19 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def resolve_architecture(name: str) -> str:
+    """An architecture from its name or a registered weights tag (``mixnet_s.ft_in1k``); an unknown tag
+    is refused, naming the architecture's tags, as timm refuses it."""
+    from .pretrained.registry import WEIGHTS, list_pretrained
+
+    if name in MODELS or name in WEIGHTS:
+        return name.split(".", 1)[0]
+    arch = check_model_name(name.split(".", 1)[0])
+    tags = list_pretrained(arch)
+    known = f"known: {', '.join(tags)}" if tags else f"{arch} has none published"
+    raise UnknownModel(f"unknown weights tag {name!r} ({known})")
+
+
 def resolve_config(name: str, **overrides) -> MixNetConfig:
     """The architecture registered under ``name``, with any ``MixNetConfig`` fields overridden."""
     check_model_name(name)
@@ -77,7 +90,7 @@ def create_model(name: str, pretrained=False, num_classes: Optional[int] = None,
     """
     if "." in name and name not in MODELS:  # "arch.tag", as timm names weights
         tag = name
-        name = name.split(".", 1)[0]
+        name = resolve_architecture(tag)
         if pretrained is True:
             pretrained = tag
     config = resolve_config(name, **overrides)  # a bad name or argument fails before any download

@@ -21,7 +21,7 @@ from .models.architectures import MODELS
 from .data.images import eval_resize_size
 from .errors import MixNetError
 from .fileio import atomic_write, mixnet_cache_dir
-from .factory import check_model_name, create_model, list_models
+from .factory import create_model, list_models, resolve_architecture
 
 MACS_CONVENTION = "conv + linear multiply-adds"
 CACHE_FILE = "model_stats.json"
@@ -80,21 +80,9 @@ def model_stats(names: Optional[Sequence[str]] = None, use_cache: bool = True,
         try:
             with atomic_write(cache_path, "w", encoding="utf-8") as f:
                 json.dump(cache, f, indent=1, sort_keys=True)
-        except OSError:
-            pass  # a read-only home only costs recounting next time
+        except (OSError, MixNetError):
+            pass  # a read-only home, or a cache folder below a file, only costs recounting next time
     return result
-
-
-def resolve_architecture(name: str) -> str:
-    """An architecture from its name or a registered weights tag (``mixnet_s.ft_in1k``)."""
-    from .pretrained.registry import WEIGHTS, list_pretrained
-
-    if name in MODELS or name in WEIGHTS:
-        return name.split(".", 1)[0]
-    arch = check_model_name(name.split(".", 1)[0])
-    tags = list_pretrained(arch)
-    known = f"known: {', '.join(tags)}" if tags else f"{arch} has none published"
-    raise MixNetError(f"unknown weights tag {name!r} ({known})")
 
 
 def pretrained_weights(architecture: str) -> List[dict]:
@@ -109,16 +97,19 @@ def pretrained_weights(architecture: str) -> List[dict]:
     return rows
 
 
-def model_card(name: str, use_cache: bool = True) -> dict:
+def model_card(name: str, use_cache: bool = True, pretrained_cfg: Optional[dict] = None) -> dict:
     """Everything ``mixnet info`` shows about one architecture, as plain data; for a weights tag, with
-    the preprocessing and classes of those weights (and the parameters and MACs of that model)."""
+    the preprocessing and classes of those weights (and the parameters and MACs of that model), as for
+    ``pretrained_cfg``, the config of a loaded model (``model.pretrained_cfg``: a run's, a file's)."""
     from .pretrained.checkpoint import registered_pretrained_cfg
     from .pretrained.registry import WEIGHTS
 
     arch = resolve_architecture(name)
     weights = name if name in WEIGHTS else None
+    if pretrained_cfg is None and weights:
+        pretrained_cfg = registered_pretrained_cfg(WEIGHTS[name])
     # The architecture's defaults first: a shipped config may leave fields out.
-    cfg = {**MODELS[arch].pretrained_cfg.to_dict(), **(registered_pretrained_cfg(WEIGHTS[name]) if weights else {})}
+    cfg = {**MODELS[arch].pretrained_cfg.to_dict(), **(pretrained_cfg or {})}
     input_size, num_classes = tuple(cfg["input_size"]), cfg["num_classes"]
     stats = model_stats([arch], use_cache=use_cache, input_size=input_size, num_classes=num_classes)[arch]
     crop = input_size[-1]

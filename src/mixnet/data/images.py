@@ -130,10 +130,17 @@ def list_image_files(paths: Union[PathLike, Iterable[PathLike]], recursive: bool
         if p.is_dir():
             found = []
             walker = os.walk(p, followlinks=True) if recursive else [(str(p), [], os.listdir(p))]
-            seen = {os.path.realpath(p)}  # linked folders are followed once: a link to a parent is a loop
+            # Linked folders are followed once, and never one that holds the folder listed (a link to a
+            # parent): that would be a loop, and would bring in the parent's other folders (other classes).
+            root = os.path.realpath(p)
+            seen = {root}
+
+            def new_folder(path: str) -> bool:
+                real = os.path.realpath(path)
+                return real not in seen and os.path.commonpath([real, root]) != real
+
             for dirpath, dirnames, filenames in walker:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")
-                               and os.path.realpath(os.path.join(dirpath, d)) not in seen]
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and new_folder(os.path.join(dirpath, d))]
                 seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
                 found += [Path(dirpath, f) for f in filenames
                           if not f.startswith(".") and is_image_file(f) and os.path.isfile(os.path.join(dirpath, f))]
@@ -265,9 +272,12 @@ def _load_or_fail(source: Union[PathLike, Image.Image], transform: Optional[Call
     name = f"<image {index}>" if isinstance(source, Image.Image) else str(source)
     if isinstance(source, Image.Image):
         try:
-            img = to_rgb(source)
+            # EXIF orientation applied as load_image applies it to files, so that an opened photo gets the
+            # answer its file gets (an image already transposed has no orientation tag left: unchanged).
+            img = to_rgb(ImageOps.exif_transpose(source))
             img.load()
-        except (OSError, ValueError) as e:  # a truncated or undecodable image opened by the caller
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
+            # a truncated or undecodable image opened by the caller (Pillow reports these with any of them)
             return FailedSample(name, first_line(e), index)
     else:
         try:
@@ -316,9 +326,11 @@ class LabelledImageFolder(datasets.DatasetFolder):
         return [c for c in classes if c in mapping], mapping
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        # torchvision skips hidden files only by extension; skip dot-files (e.g. macOS "._x.jpg") too.
-        samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
-        return [(p, t) for p, t in samples if not os.path.basename(p).startswith(".")]
+        # Each class folder's images as predict lists them: hidden entries (e.g. macOS "._x.jpg") skipped,
+        # which torchvision keeps, and linked folders followed once, never back up to a parent, where
+        # torchvision would loop and label the other classes' photos as this one.
+        return [(str(path), class_to_idx[c]) for c in sorted(class_to_idx)
+                for path in list_image_files(Path(directory, c))]
 
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]

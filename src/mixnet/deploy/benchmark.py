@@ -276,6 +276,35 @@ def measure(runners: Dict[str, Callable[[Tensor], object]], x: Tensor, warmup: i
     return times
 
 
+def check_path_requirements(paths: Sequence[str]) -> None:
+    """Refuse, in one line and before any path is built, paths this machine cannot run: bf16 on a CPU
+    without native bf16, and paths whose optional package (timm, onnxscript, onnxruntime, OpenVINO, NNCF)
+    is missing. Otherwise the refusal comes only when the path's turn to be built comes, after the
+    paths before it were built (minutes, with torch.compile or INT8 calibration among them)."""
+    from .runtimes import check_bf16_cpu, require
+
+    if any(p.endswith("-bf16") for p in paths):
+        check_bf16_cpu()
+    if any(p.startswith("timm") for p in paths):
+        _timm_available()
+    for path in paths:
+        if "-onnxruntime" in path or "-openvino" in path:  # exported to ONNX first
+            require("onnxscript", "onnx", f"the benchmark path {path}")
+        if "-onnxruntime" in path:
+            require("onnxruntime", "onnx", f"the benchmark path {path}")
+        if "-openvino" in path:
+            require("openvino", "openvino", f"the benchmark path {path}")
+        if "-openvino" in path and path.endswith("-int8"):
+            require("nncf", "openvino", f"the benchmark path {path}")
+
+
+def _timm_available() -> None:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise MixNetError("--compare timm needs timm installed (pip install timm)") from None
+
+
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequence[str],
                   train: bool = False, image_size: int = 224, warmup: int = 3, repeats: int = 20,
                   num_threads: Optional[int] = None, seed: int = 0,
@@ -295,6 +324,7 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequ
         check_model_name(name)
     if image_size < MIN_INPUT_SIZE:
         raise MixNetError(f"image size {image_size} is too small: MixNet needs at least {MIN_INPUT_SIZE} px")
+    check_path_requirements(paths)
     results: List[Measurement] = []
     bar = tqdm(total=len(models) * len(batch_sizes) * repeats, desc="benchmark", unit="round",
                disable=not show_progress)

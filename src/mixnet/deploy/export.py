@@ -183,6 +183,12 @@ def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
     fmt = fmt or format_from_path(output)
     if fmt not in EXPORTERS:
         raise MixNetError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if check and fmt == "onnx":  # the check runs the file in onnxruntime: say so before the export, not after
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise MixNetError("checking an ONNX export runs it in onnxruntime: pip install 'mixnet[onnx]' "
+                              "(or skip the check: --no-check, check=False)") from None
     output = Path(output)
     model = model.eval()
     module = optimize_for_inference(model, merge_mixconv=merge_mixconv, channels_last=False)
@@ -211,6 +217,9 @@ def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
 def onnxruntime_forward(model: nn.Module, path: Optional[PathLike] = None) -> OnnxRuntimeModel:
     """onnxruntime running ``path`` (an ONNX file exported from ``model``), or, without a path, ``model``
     exported (and checked) to a temporary file first. The model's class count must match the file's."""
+    from .runtimes import require
+
+    require("onnxruntime", "onnx", "running ONNX files")  # before any export: the same line as OnnxRuntimeModel's
     if path is None:
         import tempfile
 

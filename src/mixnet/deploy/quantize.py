@@ -300,6 +300,11 @@ def _replace_folder(new: Path, output: Path) -> None:
 def _prepare_output(output: Path) -> None:
     if output.exists() and not is_quantized_folder(output):
         raise MixNetError(f"{output}: exists and is not a quantized model folder; choose another --output")
+    for parent in output.parents:  # before the photos are read, not at the first write after them
+        if parent.exists():
+            if not parent.is_dir():
+                raise MixNetError(f"{output}: {parent} is a file, not a directory; choose another --output")
+            break
 
 
 def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, backend: str = DEFAULT_BACKEND,

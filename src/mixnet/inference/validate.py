@@ -65,7 +65,19 @@ def map_folders_to_classes(folders: Sequence[str], model) -> Dict[str, int]:
         ambiguous = [f for f, idx in hits.items() if len(idx) > 1]
         unmatched = [f for f, idx in hits.items() if not idx]
         if not unmatched and not ambiguous:
-            return {f: idx[0] for f, idx in hits.items()}
+            mapping = {f: idx[0] for f, idx in hits.items()}
+            by_class: Dict[int, List[str]] = {}
+            for f, c in mapping.items():
+                by_class.setdefault(c, []).append(f)
+            # Two folders of one class would share one row of the confusion matrix and of the per-class
+            # scores: the images of one would be counted as the other's.
+            shared = [(c, fs) for c, fs in by_class.items() if len(fs) > 1]
+            if shared:
+                names = class_names(model)
+                detail = "; ".join(f"{' and '.join(map(repr, fs))} are both class {c} ({names[c]})"
+                                   for c, fs in shared)
+                raise MixNetError(f"folders naming the same class: {detail} (merge them into one folder)")
+            return mapping
         if ambiguous and not unmatched:
             detail = "; ".join(f"{f!r} is classes {', '.join(map(str, hits[f]))}" for f in ambiguous)
             raise MixNetError(f"folder names matching more than one of {description}: {detail} "

@@ -111,6 +111,13 @@ def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise MixNetError(f"{path}: not a readable safetensors file (truncated or corrupt: "
                               f"{first_line(e)})") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (a pickle before torch 1.6, protocol 2+): anything else (an image, a
+    # text file) would otherwise be reported by torch.load's weights-only refusal, as if it held code.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise MixNetError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle; "
+                          f"{'empty' if not head else f'it starts with {head!r}'})")
     try:
         # timm's training checkpoints keep the run's arguments as an argparse.Namespace: plain data
         # (attributes set, no code called), so allowed; anything else outside torch's list is refused.

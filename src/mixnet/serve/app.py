@@ -7,10 +7,11 @@ processes each load the model, warm it up, and classify batches of up to ``--max
 requests gathered for at most ``--batch-timeout-ms``. Metrics are all counted in the HTTP process.
 
 Hostile input is refused where it is cheapest: method, content type, size and emptiness in the HTTP
-process, before anything reaches a worker; the image itself is decoded in the worker by the code
-``mixnet.predict`` uses (``load_image``: the pixel limit is checked from the header before any
-decoding), and a bad image comes back as an error *value* for its own request, because an exception
-inside a LitServe batch would fail every request of that batch.
+process, before anything reaches a worker; the image itself, once its header names a format of photos
+(``UPLOAD_FORMATS``), is decoded in the worker by the code ``mixnet.predict`` uses (``load_image``: the
+pixel limit is checked from the header before any decoding), and a bad image comes back as an error
+*value* for its own request, because an exception inside a LitServe batch would fail every request of
+that batch.
 """
 
 from __future__ import annotations
@@ -172,6 +173,31 @@ def image_error(problem: str) -> Dict[str, Any]:
     return dict(error=f"the uploaded image: {problem}", kind=kind, status=status)
 
 
+# The formats an upload may be in, as Pillow names them: those of photos (the suffixes mixnet.data reads).
+# Any other is refused from its header, before decoding: Pillow decodes EPS by running Ghostscript on the
+# bytes, and its rarer decoders are no place for a stranger's.
+UPLOAD_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def refused_format(path: str) -> Optional[str]:
+    """Why the upload at ``path`` is refused for its format (``image_error`` wording), or None: accepted,
+    or not an image at all or a broken header, which ``load_image`` then reports as it does for predict."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image refuses those
+            with Image.open(path) as img:  # the header only, read as load_image will read it
+                kind = img.format
+    except Exception:  # noqa: BLE001 - any failure here is load_image's to report
+        return None
+    if kind in UPLOAD_FORMATS:
+        return None
+    return f"not an image format accepted here ({kind}; send JPEG, PNG, WebP, GIF, BMP or TIFF)"
+
+
 def process_running(pid: int) -> bool:
     """Whether a process ``pid`` exists (0: none yet)."""
     if pid <= 0:
@@ -238,16 +264,23 @@ class ClassifierAPI(ls.LitAPI):
         batched = self.max_batch_size > 1  # LitServe passes a list only when batching
         paths = x if batched else [x]
         try:
-            results = self.classify(paths)
+            refused = {i: problem for i, path in enumerate(paths) if (problem := refused_format(path))}
+            accepted = [path for i, path in enumerate(paths) if i not in refused]
+            results = iter(self.classify(accepted) if accepted else [])
         finally:
             for path in paths:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         answers = []
-        for i, result in enumerate(results):
+        for i in range(len(paths)):
+            result = None if i in refused else next(results)
             # the fields of `mixnet predict --json`, less the image's path here (a temporary file)
-            answer = image_error(result.error) if result.error else dict(model=self.model_name,
-                                                                         top=result.to_dict()["top"])
+            if result is None:
+                answer = image_error(refused[i])
+            elif result.error:
+                answer = image_error(result.error)
+            else:
+                answer = dict(model=self.model_name, top=result.to_dict()["top"])
             # for /metrics, which the HTTP process keeps: the batch size, counted once per batch
             answer.update(batch_size=len(paths), batch_position=i)
             answers.append(answer)
@@ -320,6 +353,9 @@ class MixNetServer(ls.LitServer):
         self.failed_workers: List[str] = []
         super().__init__(api, accelerator="cpu", workers_per_device=workers, disable_openapi_url=True,
                          middlewares=[(CountRequests, {"metrics": self.metrics})])
+        # /predict/ and /info/ are unknown paths (404), not redirects: Starlette's redirect to the path
+        # without the slash names the client's Host header in its Location, whatever the client sent.
+        self.app.router.redirect_slashes = False
         self.app.add_exception_handler(StarletteHTTPException, self.http_error)
         self.app.add_exception_handler(Exception, self.internal_error)
 
@@ -427,13 +463,15 @@ def model_name_of(model, source: Optional[str]) -> str:
 
 
 def describe_service(model, name: str, args: argparse.Namespace, threads: int) -> dict:
-    """What GET /info answers: the served model, its architecture's card (``mixnet info --json``), the
-    preprocessing this model's weights use, its classes, and the serving settings, with the precision
+    """What GET /info answers: the served model, its card (``mixnet info --json`` of its architecture,
+    with the parameters, MACs, classes and preprocessing of the model served: 10 classes, not 1,000, for
+    the built-in model), the preprocessing, its classes, and the serving settings, with the precision
     and the runtime that runs it."""
     from ..data.images import eval_resize_size
     from ..deploy.quantize import model_precision, quantized_folder, read_quantization_config
     from ..inference.predict import class_names
     from ..info import model_card
+    from ..pretrained.registry import WEIGHTS
 
     precision = model_precision(args.precision, args.weights, args.model)
     if precision == "int8":
@@ -444,7 +482,7 @@ def describe_service(model, name: str, args: argparse.Namespace, threads: int) -
     size = cfg["input_size"][-1]
     return dict(
         model=name,
-        card=model_card(cfg["architecture"]),
+        card=model_card(cfg.get("tag") if cfg.get("tag") in WEIGHTS else cfg["architecture"], pretrained_cfg=cfg),
         preprocessing=dict(input_size=list(cfg["input_size"]), resize_size=eval_resize_size(size, cfg["crop_pct"]),
                            crop_size=size, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"],
                            mean=list(cfg["mean"]), std=list(cfg["std"])),

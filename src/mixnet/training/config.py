@@ -248,15 +248,30 @@ _GROUPS = {"model": "model and data", "epochs": "optimisation", "train_size": "a
            "ema": "weight EMA", "amp": "precision and system"}
 
 
+# What an option means, where its bare default ("none", "0") would not say.
+_MEANINGS = {
+    "lr": "absolute learning rate; none: --lr-base x global batch / --lr-base-size",
+    "pretrained": "weights tag, file, hub folder or training run to start from (a new head if the classes "
+                  "differ)",
+    "checkpoint_minutes": "mid-epoch checkpoint interval (checkpoints are also written at every epoch end); "
+                          "0: epoch ends only",
+    "max_minutes": "stop with a checkpoint after this many minutes (exit 3; --resume continues); none or 0: "
+                   "no limit",
+}
+# Values a recipe sets outside RECIPES (in TrainConfig.from_recipe).
+_RECIPE_NOTES = {"pretrained": ["finetune: the --model's published weights"]}
+
+
 def _option_help(name: str, default: Any) -> str:
     """The generic default and where a recipe differs from it, so ``-h`` shows what a recipe will use."""
     shown = "none" if default is None else default
     by_recipe = [f"{r}: {values.get(name, default)}" + (" at its default length, scaled to --epochs"
                                                         if name in scaled_settings(r) else "")
                  for r, values in RECIPES.items() if values.get(name, default) != default
-                 or name in scaled_settings(r)]
+                 or name in scaled_settings(r)] + _RECIPE_NOTES.get(name, [])
     limit = ", at most a tenth of --epochs" if name == "warmup_epochs" else ""
-    return f"default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "") + limit
+    meaning = f"{_MEANINGS[name]}; " if name in _MEANINGS else ""
+    return f"{meaning}default: {shown}" + (f" ({', '.join(by_recipe)})" if by_recipe else "") + limit
 
 
 def add_arguments(parser) -> None:

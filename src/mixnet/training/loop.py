@@ -31,14 +31,14 @@ from torch import Tensor, nn
 
 from ..errors import MixNetError
 from ..factory import create_model, fill, resolve_config
-from ..pretrained.checkpoint import read_checkpoint, save_pretrained
+from ..pretrained.checkpoint import HUB_CONFIG, HUB_SAFETENSORS, read_checkpoint, save_pretrained
 from .config import CHOICES, TrainConfig
 from .distributed import (Runtime, all_reduce, any_process, average_buffers, rng_state, set_rng_state,
                           setup_runtime, shutdown)
 from .optimizers import LRSchedule, ModelEma, create_optimizer, set_lr
 from .run_dir import (BEST, FINAL, LAST, Best, EpochTotals, TrainState, copy_checkpoint, load_checkpoint,
                       save_checkpoint, write_metrics, write_run_config)
-from .sampling import build_data, discover_classes, mix_seed, progressive_size
+from .sampling import build_data, discover_classes, mix_seed, progressive_size, report_resumed_classes
 
 
 @dataclass
@@ -90,6 +90,8 @@ class Trainer:
                 warnings.filterwarnings("ignore", message=".*classifier not loaded.*")
                 fill(model, read_checkpoint(cfg.pretrained))
         self.data = build_data(cfg, rt, self.class_names, model.pretrained_cfg)
+        if state is not None:
+            report_resumed_classes(self.data, self.class_names, self.log)
         if cfg.sync_bn and rt.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -162,6 +164,15 @@ class Trainer:
         set_rng_state(state.rng, self.runtime)
 
     def save(self, best: bool = False) -> None:
+        # An update can leave NaN/infinite weights behind a finite loss (the loss is checked before the
+        # update): never let them replace the last good checkpoint. Every rank checks (the same weights).
+        if not all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+            where = (f"epoch {self.epoch + 1}, update {self.update}" if self.update else
+                     f"the end of epoch {self.epoch}")
+            raise NonFiniteLoss(
+                f"the weights became NaN/infinite by {where}: "
+                f"training diverged; {self.run_dir / LAST} keeps the last good state. Try a lower --lr or "
+                f"--clip-grad 1.0{' or --amp none' if self.config.amp != 'none' else ''}")
         if not self.runtime.is_main:
             return
         save_checkpoint(self.checkpoint(), self.run_dir / LAST)
@@ -214,6 +225,9 @@ class Trainer:
         elif self.epoch >= cfg.epochs:
             self.log(f"{self.run_dir} has already trained all {cfg.epochs} epochs; give --epochs to train "
                      f"longer")
+            if rt.is_main and not self.final_is_current():  # stopped after the last checkpoint, before
+                write_metrics(self.run_dir, self.history)  # (or while) writing the metrics and final/
+                self.export_final()
             return self.result(completed=True)
         else:
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, update {self.update}")
@@ -376,16 +390,21 @@ class Trainer:
             top5 += float(hits.any(dim=1).sum())
             count += len(targets)
         loss_sum, top1, top5, count, bad = all_reduce([loss_sum, top1, top5, count, bad], rt)
-        count = max(count, 1.0)
+        if count == 0:  # scores of nothing (0%) would be recorded, and a "best" model exported
+            raise MixNetError(f"{self.data.val_set.root}: none of the {int(bad)} validation images could be "
+                              f"read (each is reported above)")
         return dict(loss=loss_sum / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, bad=bad)
 
     def finish_epoch(self) -> Dict[str, Any]:
         """Evaluate (raw and EMA weights), record the epoch's row, save the checkpoints and metrics."""
         cfg, rt = self.config, self.runtime
         size = self.train_size()
+        loss_sum, samples, bad = all_reduce([self.totals.loss_sum, self.totals.samples, self.totals.bad_images], rt)
+        if samples == 0:  # the network did not train: a loss of 0 and an untrained "final" model would follow
+            raise MixNetError(f"{self.data.train_set.root}: no training image of epoch {self.epoch + 1} could be "
+                              f"read ({int(bad)} unreadable, each reported above)")
         self.epoch += 1
         self.update = 0
-        loss_sum, samples, bad = all_reduce([self.totals.loss_sum, self.totals.samples, self.totals.bad_images], rt)
         row: Dict[str, Any] = dict(
             epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"], train_size=size,
             train_loss=loss_sum / max(samples, 1.0),
@@ -429,6 +448,11 @@ class Trainer:
                                 "crop_pct": cfg.eval_crop_pct, "interpolation": cfg.interpolation,
                                 "num_classes": len(self.class_names), "class_names": list(self.class_names)}
         return save_pretrained(model, self.run_dir / FINAL, class_names=self.class_names)
+
+    def final_is_current(self) -> bool:
+        """Whether ``final/`` holds a complete export written after the last checkpoint."""
+        files = [self.run_dir / FINAL / name for name in (HUB_SAFETENSORS, HUB_CONFIG)]
+        return all(f.is_file() and f.stat().st_mtime >= (self.run_dir / LAST).stat().st_mtime for f in files)
 
     def result(self, completed: bool) -> TrainResult:
         final = self.run_dir / FINAL
@@ -493,6 +517,22 @@ def check_config(config: TrainConfig) -> None:
         raise MixNetError(f"scale must be two crop areas 0 < LOW <= HIGH <= 1, got {low} {high}")
     if not 0 < ratio_low <= ratio_high:
         raise MixNetError(f"ratio must be two aspect ratios 0 < LOW <= HIGH, got {ratio_low} {ratio_high}")
+    # Values that would crash the run with a traceback (a division by zero, torch's own ValueError) or
+    # silently train something else (an EMA that extrapolates, a negative warm-up or crop count).
+    for name in ("lr", "lr_base", "warmup_lr", "min_lr", "weight_decay", "momentum", "opt_eps", "warmup_epochs",
+                 "randaugment_ops", "randaugment_std", "mixup", "cutmix", "checkpoint_minutes", "max_minutes"):
+        value = getattr(config, name)
+        if value is not None and not value >= 0:
+            raise MixNetError(f"{name} must be >= 0, got {value}")
+    for name in ("lr_base_size", "decay_epochs", "decay_rate", "clip_grad"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise MixNetError(f"{name} must be > 0, got {value}")
+    for name in ("drop_rate", "drop_path_rate"):
+        if not 0 <= getattr(config, name) < 1:
+            raise MixNetError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if not 0 <= config.ema_decay <= 1:
+        raise MixNetError(f"ema_decay must be in [0, 1], got {config.ema_decay}")
     if config.workers < 0:
         raise MixNetError(f"workers must be >= 0, got {config.workers}")
     if config.threads is not None and config.threads < 1:
@@ -563,6 +603,16 @@ def resume(run_dir: str, **overrides) -> TrainResult:
     if overrides.get("epochs", state.epoch) < state.epoch:
         raise MixNetError(f"{run_dir}: --epochs {overrides['epochs']} is fewer than the {state.epoch} "
                           f"epochs already trained")
+    if overrides.get("recipe") is not None and overrides["recipe"] != values.get("recipe"):
+        raise MixNetError(f"{run_dir}: a recipe cannot change a run being resumed (its settings would not be "
+                          f"applied); give single settings instead")
+    if "pretrained" in changed:  # it only sets the starting weights: a resumed run starts from its checkpoint
+        raise MixNetError(f"{run_dir}: --pretrained only chooses a run's starting weights; a resumed run "
+                          f"continues from its checkpoint (start a new run to train from other weights)")
+    output = overrides.get("output")
+    if output is not None and Path(output).resolve() != run_dir.resolve():
+        raise MixNetError(f"--output {output}: a resumed run continues in its own directory ({run_dir}); "
+                          f"leave out --output, or copy {run_dir} there and resume the copy")
     values.update(overrides)
     values["output"] = str(run_dir)
     config = TrainConfig.from_dict(values)

@@ -174,7 +174,8 @@ def write_curves(path: Path, history: List[Dict[str, Any]], marks: Tuple[float, 
         for epoch in marks:
             ax.axvline(epoch, color="grey", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # none while no epoch was evaluated (--eval-every)
+            ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -9,6 +9,7 @@ resumed mid-epoch sees exactly the batches the uninterrupted run would have seen
 from __future__ import annotations
 
 import math
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,29 @@ def discover_classes(config: TrainConfig, log: Callable[[str], None]) -> List[st
         log(f"warning: {len(missing)} training class(es) have no folder in {val_dir}, so validation "
             f"scores the other classes only: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     return classes
+
+
+def _holds_anything(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(True for _ in entries)
+
+
+def report_resumed_classes(data: TrainData, class_names: List[str], log: Callable[[str], None]) -> None:
+    """A resumed run keeps the classes it was started with, whatever folder it is now given (``--data``
+    may change, e.g. to where the dataset moved): warn about a folder that no longer matches them."""
+    for name, dataset in (("training", data.train_set), ("validation", data.val_set)):
+        root = Path(dataset.root)
+        present = set(dataset.targets)
+        missing = [c for i, c in enumerate(class_names) if i not in present]
+        if missing:
+            log(f"warning: {len(missing)} of the run's classes have no {name} images in {root}: "
+                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        known = set(class_names)
+        extra = [c for c in folder_classes(root) if c not in known and _holds_anything(root / c)]
+        if extra:
+            log(f"warning: {len(extra)} class folder(s) of {root} are not among the run's classes and are "
+                f"ignored (a resumed run keeps its classes): {', '.join(extra[:10])}"
+                f"{' ...' if len(extra) > 10 else ''}")
 
 
 @dataclass
