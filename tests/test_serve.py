@@ -368,3 +368,27 @@ def test_sigterm_finishes_the_requests_in_flight_then_stops_every_process(tmp_pa
                                      text=True).stdout.strip():
             assert time.monotonic() < deadline, f"still running after the server stopped: {left}"
             time.sleep(0.2)
+
+
+def test_an_idle_worker_waits_on_its_request_queue_instead_of_polling_it_every_millisecond():
+    import queue
+    import types
+
+    class CountingQueue(queue.Queue):
+        gets = 0
+
+        def get(self, block=True, timeout=None):
+            self.gets += 1
+            return super().get(block, timeout)
+
+    lit_api = types.SimpleNamespace(max_batch_size=4, batch_timeout=0.05, request_timeout=30, stream=False)
+    loop, requests = app.WaitingBatchedLoop(), CountingQueue()
+    loop._restart_workers = False  # as LitServe's worker sets it
+    # LitServe's own batched loop asks an empty queue about once a millisecond for the batch timeout (50 here)
+    assert loop.get_batch_requests(lit_api, requests, transport=None) == ([], [])
+    assert requests.gets == 1
+    for uid in "abcde":  # five waiting requests: a full batch of four in their order, then the fifth
+        requests.put((0, uid, time.monotonic(), f"body {uid}"))
+    batch, timed_out = loop.get_batch_requests(lit_api, requests, transport=None)
+    assert [uid for _, uid, _ in batch] == list("abcd") and timed_out == []
+    assert [uid for _, uid, _ in loop.get_batch_requests(lit_api, requests, transport=None)[0]] == ["e"]

@@ -37,6 +37,7 @@ try:
     import python_multipart  # noqa: F401  (starlette parses multipart bodies with it)
     from fastapi import HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from litserve.loops.simple_loops import BatchedLoop
     from litserve.server import RegularRequestHandler
     from litserve.utils import WorkerSetupStatus
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -209,6 +210,36 @@ def process_running(pid: int) -> bool:
     return True
 
 
+class _FirstThen:
+    """A request queue whose next item is ``first`` (already taken), then the queue's own."""
+
+    def __init__(self, first: Any, queue: Any):
+        self.first, self.queue = [first], queue
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        return self.first.pop() if self.first else self.queue.get(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+
+class WaitingBatchedLoop(BatchedLoop):
+    """LitServe's batched loop, less its idle polling: LitServe asks its request queue (a manager process's)
+    for the next request every millisecond while idle, which kept an idle service at 20% of a core here, and
+    at a whole core with ``--batch-timeout-ms 0``. This loop blocks until a first request comes (a second at
+    a time, so a stop is still seen), then lets LitServe gather the batch as before: for at most the batch
+    timeout, counted from that first request."""
+
+    def get_batch_requests(self, lit_api, request_queue, transport):
+        import queue
+
+        try:
+            first = request_queue.get(timeout=1.0)
+        except queue.Empty:
+            return [], []
+        return super().get_batch_requests(lit_api, _FirstThen(first, request_queue), transport)
+
+
 class ClassifierAPI(ls.LitAPI):
     """One inference worker: the model and forward pass of ``mixnet predict`` (same options), run on
     batches of uploads through ``mixnet.inference.predict.predict``, so preprocessing, class names and
@@ -216,7 +247,8 @@ class ClassifierAPI(ls.LitAPI):
 
     def __init__(self, build_model: Callable, model_args: argparse.Namespace, model_name: str, topk: int,
                  threads: int, max_batch_size: int, batch_timeout_s: float):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s,
+                         loop=WaitingBatchedLoop() if max_batch_size > 1 else "auto")
         self.build_model = build_model  # pickled by reference into each worker process
         self.model_args = model_args
         self.model_name = model_name
