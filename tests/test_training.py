@@ -591,7 +591,7 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capsys):
     train(tiny_config(root, run, epochs=1, batch_size=73))  # one batch holding every training image
     err = capsys.readouterr().err
     assert "broken.png" in err and "broken.jpg" in err
-    assert float(read_metrics(run)[0]["bad_images"]) == 2
+    assert read_metrics(run)[0]["bad_images"] == "2"  # a count, not "2.0"
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -781,7 +781,7 @@ def test_train_help_groups_options_and_shows_each_recipes_value(capsys):
     assert "[--ema | --no-ema]" in help_text and "--opt {sgd,adamw,rmsproptf,muon}" in help_text
 
 
-def test_train_help_says_what_an_unset_lr_pretrained_or_time_limit_means(capsys):
+def test_train_help_says_what_an_unset_lr_pretrained_or_time_limit_means_and_which_optimizers_use_what(capsys):
     with pytest.raises(SystemExit):
         main(["train", "-h"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
@@ -792,3 +792,5 @@ def test_train_help_says_what_an_unset_lr_pretrained_or_time_limit_means(capsys)
     assert "--lr-base x global batch / --lr-base-size" in option("--lr")
     assert "finetune: the --model's published weights" in option("--pretrained")
     assert "exit 3" in option("--max-minutes") and "0: no limit" in option("--max-minutes")
+    assert option("--momentum").startswith(" --momentum MOMENTUM sgd's and rmsproptf's (adamw uses beta1")
+    assert "sgd and rmsproptf have none" in option("--opt-beta2")

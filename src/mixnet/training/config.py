@@ -257,6 +257,8 @@ _MEANINGS = {
                           "0: epoch ends only",
     "max_minutes": "stop with a checkpoint after this many minutes (exit 3; --resume continues); none or 0: "
                    "no limit",
+    "momentum": "sgd's and rmsproptf's (adamw uses beta1 0.9; muon 0.95 for its dense convs, 0.9 elsewhere)",
+    "opt_beta2": "adamw's and muon's second-moment decay (sgd and rmsproptf have none)",
 }
 # Values a recipe sets outside RECIPES (in TrainConfig.from_recipe).
 _RECIPE_NOTES = {"pretrained": ["finetune: the --model's published weights"]}

@@ -408,7 +408,7 @@ class Trainer:
         row: Dict[str, Any] = dict(
             epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"], train_size=size,
             train_loss=loss_sum / max(samples, 1.0),
-            train_images_per_s=samples / max(self.totals.train_seconds, 1e-9), bad_images=bad)
+            train_images_per_s=samples / max(self.totals.train_seconds, 1e-9), bad_images=int(bad))
         eval_started = time.monotonic()
         improved = False
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
@@ -422,7 +422,7 @@ class Trainer:
                 row.update({f"{prefix}_loss": scores["loss"], f"{prefix}_top1": scores["top1"],
                             f"{prefix}_top5": scores["top5"]})
                 if source == "raw":
-                    row["bad_images"] += scores["bad"]
+                    row["bad_images"] += int(scores["bad"])
                 candidates.append((source, scores["top1"]))
             source, top1 = max(candidates, key=lambda c: c[1])
             improved = self.best.top1 is None or top1 > self.best.top1
