@@ -57,7 +57,7 @@ def test_unknown_path_is_a_usage_error(capsys):
     assert "timm-fastest" in capsys.readouterr().err
 
 
-def test_an_unknown_model_or_a_size_under_32_is_refused_in_one_line_before_any_work(capsys):
+def test_an_unknown_model_or_a_size_under_32_or_over_8192_is_refused_in_one_line_before_any_work(capsys):
     with pytest.raises(MixNetError, match="image size 16 is too small"):
         run_benchmark(["mixnet_s"], [1], ["mixnet"], **{**SMOKE, "image_size": 16})
     assert main(["benchmark", "--model", "mixnet_s", "mixnet_q", "--repeats", "1"]) == 2
@@ -65,7 +65,11 @@ def test_an_unknown_model_or_a_size_under_32_is_refused_in_one_line_before_any_w
     assert err.startswith("mixnet benchmark: error: unknown model 'mixnet_q'") and "round" not in err
     with pytest.raises(SystemExit) as usage:
         main(["benchmark", "--image-size", "8"])
-    assert usage.value.code == 2 and "must be at least 32, got 8" in capsys.readouterr().err
+    assert usage.value.code == 2 and "must be from 32 to 8192, got 8" in capsys.readouterr().err
+    for command in ("benchmark", "predict examples", "validate examples"):  # gigabytes per image: a typo
+        with pytest.raises(SystemExit) as usage:
+            main([*command.split(), "--image-size", "100000"])
+        assert usage.value.code == 2 and "--image-size: must be from 32 to 8192, got 100000" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["benchmark", "--warmup", "-1"])
 

@@ -127,7 +127,7 @@ def test_cli_validate_image_size_and_crop_pct_set_what_the_model_sees(weights_di
     centre = validate_report(capsys, tmp_path / "val", weights_dir, "--crop-pct", "0.25", "--image-size", "40")
     assert centre["top1"] == 100 and shapes[1:] == [(3, 40, 40)]
     for flags, problem in [(["--crop-pct", "1.5"], "--crop-pct: must be in (0, 1], got 1.5"),
-                           (["--image-size", "16"], "--image-size: must be at least 32, got 16")]:
+                           (["--image-size", "16"], "--image-size: must be from 32 to 8192, got 16")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["validate", str(tmp_path / "val"), "--weights", str(weights_dir), *flags])
         assert exit_info.value.code == 2 and problem in capsys.readouterr().err

@@ -243,7 +243,7 @@ def test_predict_reports_a_truncated_in_memory_image_and_classifies_the_rest(col
     assert answers[1].top[0].name == "green"
 
 
-@pytest.mark.parametrize("flag,value,problem", [("--image-size", "16", "must be at least 32, got 16"),
+@pytest.mark.parametrize("flag,value,problem", [("--image-size", "16", "must be from 32 to 8192, got 16"),
                                                 ("--workers", "-1", "must be at least 0, got -1"),
                                                 ("--workers", "two", "invalid int value: 'two'")])
 def test_cli_predict_refuses_sizes_the_network_cannot_take_and_negative_workers(images, capsys, flag, value,

@@ -130,7 +130,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 def add_preprocessing_arguments(p: argparse.ArgumentParser) -> None:
     """Overrides of the evaluation transform the model's config gives (predict, validate)."""
     p.add_argument("--image-size", type=input_size, metavar="PX",
-                   help="side of the square input in pixels, at least 32 (default: the model's own)")
+                   help="side of the square input in pixels, 32 to 8192 (default: the model's own)")
     p.add_argument("--crop-pct", type=crop_fraction, metavar="F",
                    help="center-crop fraction: photos are resized to PX/F before the crop (default: the model's own)")
 
@@ -158,18 +158,21 @@ body_megabytes = number_in(0, 1e6, low_open=True)
 batch_wait_ms = number_in(0, 30_000, high_open=True)
 
 
-def at_least(low: int):
+def at_least(low: int, high: Optional[int] = None):
     def parse(text: str) -> int:
         value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high is None else
+                                             f"must be from {low} to {high}, got {value}")
         return value
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
 
 
 positive_int, non_negative_int = at_least(1), at_least(0)
-input_size = at_least(32)  # MixNet's five stride-2 layers take 32 pixels to 1 (models.network.MIN_INPUT_SIZE)
+# MixNet's five stride-2 layers take 32 pixels to 1 (models.network.MIN_INPUT_SIZE); above 8192 px (the
+# exported graphs' range) one image is gigabytes of activations: a typo, refused before any work.
+input_size = at_least(32, 8192)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -432,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", metavar="NAME", help="architectures (default: mixnet_s)")
     p.add_argument("--batch-size", type=int_list, default=[1, 32], metavar="N,N",
                    help="comma-separated batch sizes (default: 1,32)")
-    p.add_argument("--image-size", type=input_size, default=224, metavar="PX", help="at least 32 (default: 224)")
+    p.add_argument("--image-size", type=input_size, default=224, metavar="PX", help="32 to 8192 (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="also our optimized paths (fused eager, "
                                                        "torch.compile, onnxruntime) and timm's")
     p.add_argument("--train", action="store_true", help="time a training step instead of inference")
