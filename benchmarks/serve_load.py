@@ -6,8 +6,9 @@ rounds of (a) in-process `mixnet.predict` on the example photos (files, decode i
 default batch of 32, the same backend) and (b) CLIENTS concurrent HTTP clients posting the same photos
 (raw JPEG bodies) until REQUESTS answers have come back, so both see the same machine load. It reports
 errors (any answer that is not 200 with the in-process top-1 label), dropped requests, throughput of
-each side and their ratio, p50/p95 latency, and the resident memory of all the server's processes
-after warm-up and after the run. Bounded: REQUESTS per setting and --max-seconds per setting.
+each side and their ratio, p50/p95 latency, the resident memory of all the server's processes
+after warm-up and after the run, and the CPU they use while idle (before the first request).
+Bounded: REQUESTS per setting and --max-seconds per setting.
 
     pip install -e ".[serve]" aiohttp
     python benchmarks/serve_load.py [--requests 2000] [--clients 32] [--fast | --backend onnxruntime]
@@ -120,6 +121,10 @@ def run_setting(name: str, server_args: list, args, model, forward, photos, expe
             if time.monotonic() > start_deadline:
                 sys.exit("mixnet serve did not become ready in 600 s")
             time.sleep(0.2)
+        # idle, before any request: what a server waiting for work costs (its workers' queue polling)
+        idle_cpu = session_cpu_s(proc.pid)
+        time.sleep(args.idle_seconds)
+        idle_cpu = session_cpu_s(proc.pid) - idle_cpu
         deadline = time.monotonic() + args.max_seconds
         warm = asyncio.run(load(base + "/predict", photos, expected, 8 * args.clients, args.clients, deadline))
         rss_warm = session_rss_mib(proc.pid)
@@ -156,7 +161,7 @@ def run_setting(name: str, server_args: list, args, model, forward, photos, expe
                 p50_ms=round(1000 * float(np.percentile(latencies, 50)), 1),
                 p95_ms=round(1000 * float(np.percentile(latencies, 95)), 1),
                 rss_warm_mib=round(rss_warm), rss_after_mib=round(rss_after),
-                rss_growth=round(rss_after / rss_warm - 1, 4))
+                rss_growth=round(rss_after / rss_warm - 1, 4), idle_cpu_s=round(idle_cpu, 2))
 
 
 def main() -> None:
@@ -170,6 +175,8 @@ def main() -> None:
                         help="torch threads, in process and in the server's worker (default: 1; on a shared 2-core "
                              "machine two threads spin against the other load and both sides slow down erratically)")
     parser.add_argument("--server-threads", type=int, help="threads of the server's worker (default: --threads)")
+    parser.add_argument("--idle-seconds", type=float, default=10,
+                        help="CPU of the idle server is measured over this long before the load (default: 10)")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
@@ -188,8 +195,8 @@ def main() -> None:
     threads = f"{args.threads} thread(s)" + (f", server {args.server_threads}" if args.server_threads else "")
     print(f"| setting ({backend}, {threads}, {args.clients} clients) | requests | errors | unsent | "
           f"in-process img/s | served req/s | ratio | CPU ms/img in-process / served | p50 ms | p95 ms | "
-          f"RSS warm / after MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+          f"RSS warm / after MiB | idle CPU s in {args.idle_seconds:g} s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|", flush=True)
     results = []
     for name in args.settings:  # each row as soon as it is measured
         r = run_setting(name, SETTINGS[name], args, model, forward, photos, expected)
@@ -197,7 +204,8 @@ def main() -> None:
         print(f"| {r['setting']} | {r['requests']} | {r['errors']} | {r['unsent']} | {r['in_process_img_s']} | "
               f"{r['served_req_s']} | {r['ratio']:.2f} | {r['in_process_cpu_ms']} / {r['served_cpu_ms']} | "
               f"{r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['rss_warm_mib']} / {r['rss_after_mib']} ({100 * r['rss_growth']:+.1f}%) |", flush=True)
+              f"{r['rss_warm_mib']} / {r['rss_after_mib']} ({100 * r['rss_growth']:+.1f}%) | {r['idle_cpu_s']} |",
+              flush=True)
     for r in results:
         if r["first_errors"]:
             print(f"{r['setting']}: first errors: {r['first_errors']}")

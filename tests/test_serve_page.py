@@ -10,7 +10,7 @@ import pytest
 
 import mixnet
 from conftest import HEAVY
-from serve_process import EXAMPLES, running_server
+from serve_process import EXAMPLES, free_port, running_server
 
 pytestmark = HEAVY
 
@@ -61,12 +61,16 @@ def test_the_page_shows_an_error_answer_that_is_not_json_as_its_status_not_as_a_
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.route("http://mixnet.test/", lambda r: r.fulfill(status=200, content_type="text/html", body=page_html))
-            page.route("http://mixnet.test/info", lambda r: r.fulfill(status=200, content_type="application/json",
-                                                                     body='{"model": "m", "classes": ["a"]}'))
-            page.route("http://mixnet.test/predict", lambda r: r.fulfill(
+            # A loopback origin where nothing listens; every request is answered here, and any other aborted
+            # (routes run last registered first), so the browser never reaches out.
+            origin = f"http://127.0.0.1:{free_port()}"
+            page.route("**/*", lambda r: r.abort())
+            page.route(f"{origin}/", lambda r: r.fulfill(status=200, content_type="text/html", body=page_html))
+            page.route(f"{origin}/info", lambda r: r.fulfill(status=200, content_type="application/json",
+                                                             body='{"model": "m", "classes": ["a"]}'))
+            page.route(f"{origin}/predict", lambda r: r.fulfill(
                 status=413, content_type="text/html", body="<html><body><h1>413 Request Entity Too Large</h1></body></html>"))
-            page.goto("http://mixnet.test/")
+            page.goto(f"{origin}/")
             page.set_input_files("#file", str(photo))
             page.wait_for_function("document.getElementById('status').className === 'error'", timeout=30_000)
             status = page.locator("#status").text_content()

@@ -204,36 +204,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def check_output_location(path: str, what: str, folder: bool = False) -> None:
-    """Refuse in one line, before any work, an output that cannot be written: a directory where a file goes
-    (unless ``folder``), a path below a file, or a place where nothing can be created (a read-only or
-    unwritable folder), which would otherwise be a traceback after the work."""
-    import tempfile
-    from pathlib import Path
-
-    from .fileio import check_writable_file
-
-    if not folder:
-        check_writable_file(path, what)
-    existing = next((p for p in Path(path).absolute().parents if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        return  # below a file: check_writable_file (or quantize, for a folder) says so
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".mixnet-write-check.", dir=existing)
-    except OSError as e:
-        raise MixNetError(f"{what} {path}: cannot create files in {existing} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.images import folder_classes
     from .inference.validate import validate
-    from .fileio import atomic_write
+    from .fileio import atomic_write, check_writable_file
 
     folder_classes(args.folder)  # a wrong folder is reported before any weights are fetched
     if args.out:
-        check_output_location(args.out, "--out")
+        check_writable_file(args.out, "--out")
     model, forward = inference_model(args)
     result = validate(model, args.folder, batch_size=args.batch_size, workers=args.workers, forward=forward,
                       progress=True, image_size=args.image_size, crop_pct=args.crop_pct)
@@ -304,8 +282,10 @@ def export_source_model(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_model, format_from_path
 
+    from .fileio import check_writable_file
+
     fmt = args.format or format_from_path(args.output)
-    check_output_location(args.output, "--output")
+    check_writable_file(args.output, "--output")
     result = export_model(export_source_model(args), args.output, fmt, tolerance=args.tolerance,
                           check=not args.no_check)
     report = dict(path=str(result.path), format=result.format, size_bytes=result.size_bytes,
@@ -345,7 +325,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .deploy.quantize import AgreementTooLow, quantize_model
     from .inference.predict import resolve_model
 
-    check_output_location(args.output, "--output", folder=True)
+    from .fileio import check_writable_file
+
+    check_writable_file(args.output, "--output", folder=True)
     model = resolve_model(args.weights and args.source, args.weights or args.source)
     try:
         result = quantize_model(model, args.calibration, args.output, backend=args.backend, images=args.images,

@@ -30,17 +30,25 @@ def current_umask() -> int:
     return mask
 
 
-def check_writable_file(path: PathLike, what: str = "output") -> None:
-    """Refuse, before any work, an output path that a file cannot be written to: a directory, or a path
-    below an existing file."""
+def check_writable_file(path: PathLike, what: str = "output", folder: bool = False) -> None:
+    """Refuse in one line, before any work, an output path nothing can be written to: a directory where a
+    file goes (unless ``folder``: the output is a folder), a path below an existing file, or a place where
+    no file can be created (a read-only or unwritable folder), which would otherwise be a traceback after
+    the work."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise MixNetError(f"{what} {path}: is a directory; give a file path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise MixNetError(f"{what} {path}: {parent} is a file, not a directory")
-            break
+    existing = next((parent for parent in path.absolute().parents if parent.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise MixNetError(f"{what} {path}: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mixnet-write-check.", dir=existing)
+    except OSError as e:
+        raise MixNetError(f"{what} {path}: cannot create files in {existing} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

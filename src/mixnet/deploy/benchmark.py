@@ -93,12 +93,16 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _timm_model(name: str, reference: nn.Module) -> nn.Module:
+def _import_timm():
     try:
         import timm
     except ImportError:
         raise MixNetError("--compare timm needs timm installed (pip install timm)") from None
-    model = timm.create_model(name, pretrained=False)
+    return timm
+
+
+def _timm_model(name: str, reference: nn.Module) -> nn.Module:
+    model = _import_timm().create_model(name, pretrained=False)
     model.load_state_dict(reference.state_dict())  # same weights, so outputs are comparable
     return model
 
@@ -286,7 +290,7 @@ def check_path_requirements(paths: Sequence[str]) -> None:
     if any(p.endswith("-bf16") for p in paths):
         check_bf16_cpu()
     if any(p.startswith("timm") for p in paths):
-        _timm_available()
+        _import_timm()
     for path in paths:
         if "-onnxruntime" in path or "-openvino" in path:  # exported to ONNX first
             require("onnxscript", "onnx", f"the benchmark path {path}")
@@ -296,13 +300,6 @@ def check_path_requirements(paths: Sequence[str]) -> None:
             require("openvino", "openvino", f"the benchmark path {path}")
         if "-openvino" in path and path.endswith("-int8"):
             require("nncf", "openvino", f"the benchmark path {path}")
-
-
-def _timm_available() -> None:
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        raise MixNetError("--compare timm needs timm installed (pip install timm)") from None
 
 
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], paths: Sequence[str],

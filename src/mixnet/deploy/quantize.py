@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..data.images import ImageList, build_eval_transform, collate, folder_classes, list_image_files
 from ..errors import MixNetError
-from ..fileio import PathLike, current_umask, atomic_write
+from ..fileio import PathLike, atomic_write, check_writable_file, current_umask
 from .export import OnnxRuntimeModel, export_model
 from .runtimes import DEFAULT_INT8_BACKEND as DEFAULT_BACKEND, INT8_BACKENDS as BACKENDS, OpenVinoModel, require
 
@@ -300,11 +300,7 @@ def _replace_folder(new: Path, output: Path) -> None:
 def _prepare_output(output: Path) -> None:
     if output.exists() and not is_quantized_folder(output):
         raise MixNetError(f"{output}: exists and is not a quantized model folder; choose another --output")
-    for parent in output.parents:  # before the photos are read, not at the first write after them
-        if parent.exists():
-            if not parent.is_dir():
-                raise MixNetError(f"{output}: {parent} is a file, not a directory; choose another --output")
-            break
+    check_writable_file(output, "output", folder=True)  # before the photos are read, not at the first write
 
 
 def quantize_model(model: nn.Module, calibration: PathLike, output: PathLike, backend: str = DEFAULT_BACKEND,
