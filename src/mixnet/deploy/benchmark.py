@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import MixNetError
+from ..errors import MixNetError, require
 from ..factory import check_model_name, create_model
 from ..models.fusion import optimize_for_inference
 from ..models.network import MIN_INPUT_SIZE
@@ -285,7 +285,7 @@ def check_path_requirements(paths: Sequence[str]) -> None:
     without native bf16, and paths whose optional package (timm, onnxscript, onnxruntime, OpenVINO, NNCF)
     is missing. Otherwise the refusal comes only when the path's turn to be built comes, after the
     paths before it were built (minutes, with torch.compile or INT8 calibration among them)."""
-    from .runtimes import check_bf16_cpu, require
+    from .runtimes import check_bf16_cpu
 
     if any(p.endswith("-bf16") for p in paths):
         check_bf16_cpu()

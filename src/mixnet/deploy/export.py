@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import MixNetError, first_line
+from ..errors import MixNetError, first_line, require
 from ..fileio import PathLike, atomic_write
 from ..models.network import MixNet
 from ..models.fusion import MergeChoice, optimize_for_inference
@@ -217,8 +217,6 @@ def export_model(model: nn.Module, output: PathLike, fmt: Optional[str] = None,
 def onnxruntime_forward(model: nn.Module, path: Optional[PathLike] = None) -> OnnxRuntimeModel:
     """onnxruntime running ``path`` (an ONNX file exported from ``model``), or, without a path, ``model``
     exported (and checked) to a temporary file first. The model's class count must match the file's."""
-    from .runtimes import require
-
     require("onnxruntime", "onnx", "running ONNX files")  # before any export: the same line as OnnxRuntimeModel's
     if path is None:
         import tempfile

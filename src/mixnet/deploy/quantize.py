@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data.images import ImageList, build_eval_transform, collate, folder_classes, list_image_files
-from ..errors import MixNetError
+from ..errors import MixNetError, require
 from ..fileio import PathLike, atomic_write, check_writable_file, current_umask
 from .export import OnnxRuntimeModel, export_model
-from .runtimes import DEFAULT_INT8_BACKEND as DEFAULT_BACKEND, INT8_BACKENDS as BACKENDS, OpenVinoModel, require
+from .runtimes import DEFAULT_INT8_BACKEND as DEFAULT_BACKEND, INT8_BACKENDS as BACKENDS, OpenVinoModel
 
 QUANT_CONFIG = "quantization.json"
 GRAPH_FILES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}

@@ -7,11 +7,10 @@ runtimes emulate it, slower than fp32.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ..errors import MixNetError, first_line
+from ..errors import MixNetError, first_line, require
 from ..fileio import PathLike
 
 # Kept free of torch at import: the CLI reads these constants to build its parser.
@@ -19,14 +18,6 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 INT8_BACKENDS = ("openvino", "onnxruntime")  # runtimes of deploy/quantize.py's INT8 graphs
 DEFAULT_INT8_BACKEND = "openvino"  # the faster INT8 runtime measured (benchmarks/RESULTS.md)
-
-
-def require(module: str, extra: str, purpose: str):
-    """``import module``, or a MixNetError naming the pip extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MixNetError(f"{purpose} needs {module}: pip install 'mixnet[{extra}]'") from None
 
 
 def cpu_flags(cpuinfo: Optional[PathLike] = None) -> set:
