@@ -493,6 +493,24 @@ def test_a_file_that_is_no_checkpoint_at_all_is_named_so_not_suspected_of_holdin
     assert "code" not in str(error.value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_from_a_diverged_run_are_refused_in_one_line_before_any_prediction(tmp_path, capsys, value):
+    weights = mixnet.create_model("mixnet_s", num_classes=10).state_dict()
+    weights["blocks.3.0.bn1.running_var"][5] = value  # one value among 2.6 million is enough to poison every logit
+    path = tmp_path / "diverged.pth"
+    torch.save(weights, path)
+    with pytest.raises(MixNetError, match=rf"{path}: NaN or infinite values in 1 of its tensors \(e.g. "
+                                          r"blocks\.3\.0\.bn1\.running_var\)"):
+        mixnet.create_model("mixnet_s", num_classes=10, pretrained=path)
+    from mixnet.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "church.jpg"
+    assert main(["predict", str(example), "--weights", str(path), "--model", "mixnet_s", "--json",
+                 "--workers", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "NaN or infinite" in err
+
+
 def test_wrong_architecture_is_named(timm, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(timm.create_model("mixnet_m").state_dict(), path)

@@ -363,6 +363,11 @@ def apply_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
                           f"the file, {num_classes} in the model); it starts freshly initialised",
                           stacklevel=3)
     _check_fits(state_dict, expected, checkpoint, model_name, head_prefixes if not classes_kept else ())
+    # Saved from a run that diverged: every prediction would be NaN (and --json would not be JSON).
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise MixNetError(f"{checkpoint.file}: NaN or infinite values in {len(broken)} of its tensors (e.g. "
+                          f"{broken[0]}); saved from a training run that diverged?")
     model.load_state_dict(state_dict, strict=False)
     cfg = {**model.pretrained_cfg, **checkpoint.preprocess}
     cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
