@@ -364,7 +364,7 @@ def apply_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
                           stacklevel=3)
     _check_fits(state_dict, expected, checkpoint, model_name, head_prefixes if not classes_kept else ())
     # Saved from a run that diverged: every prediction would be NaN (and --json would not be JSON).
-    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = nonfinite_tensors(state_dict)
     if broken:
         raise MixNetError(f"{checkpoint.file}: NaN or infinite values in {len(broken)} of its tensors (e.g. "
                           f"{broken[0]}); saved from a training run that diverged?")
@@ -378,6 +378,11 @@ def apply_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
         cfg["class_names"] = list(checkpoint.class_names)
     model.pretrained_cfg = cfg
     return model
+
+
+def nonfinite_tensors(state_dict: Dict[str, Tensor]) -> List[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity: weights of a diverged run."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _check_fits(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], checkpoint: Checkpoint,

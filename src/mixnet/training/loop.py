@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ..errors import MixNetError
 from ..factory import create_model, fill, resolve_config
-from ..pretrained.checkpoint import HUB_CONFIG, HUB_SAFETENSORS, read_checkpoint, save_pretrained
+from ..pretrained.checkpoint import (HUB_CONFIG, HUB_SAFETENSORS, nonfinite_tensors, read_checkpoint,
+                                     save_pretrained)
 from .config import CHOICES, TrainConfig
 from .distributed import (Runtime, all_reduce, any_process, average_buffers, rng_state, set_rng_state,
                           setup_runtime, shutdown)
@@ -166,7 +167,7 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         # An update can leave NaN/infinite weights behind a finite loss (the loss is checked before the
         # update): never let them replace the last good checkpoint. Every rank checks (the same weights).
-        if not all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+        if nonfinite_tensors(self.model.state_dict()):
             where = (f"epoch {self.epoch + 1}, update {self.update}" if self.update else
                      f"the end of epoch {self.epoch}")
             raise NonFiniteLoss(
