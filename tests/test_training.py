@@ -759,6 +759,10 @@ def test_small_data_settings_follow_the_run_length_unless_given():
     assert 0 < middle.drop_rate < 0.2 and 0 < middle.drop_path_rate < 0.05
     assert (short.opt, middle.opt, TrainConfig.from_recipe("small-data", epochs=29).opt, long.opt) == \
         ("muon", "muon", "muon", "adamw")
+    # 3x the recipe's weight decay wherever Muon trains, the recipe's 0.05 from 30 epochs on
+    assert (short.weight_decay, middle.weight_decay, TrainConfig.from_recipe("small-data", epochs=29).weight_decay,
+            long.weight_decay) == (0.15, 0.15, 0.15, 0.05)
+    assert TrainConfig.from_recipe("small-data", epochs=5, weight_decay=0.05).weight_decay == 0.05
     given = TrainConfig.from_recipe("small-data", epochs=5, lr_base=0.02, warmup_epochs=0, scale=(0.08, 1.0),
                                     opt="adamw", drop_rate=0.3)
     assert (given.lr_base, given.warmup_epochs, given.scale, given.sched_hold, given.opt, given.drop_rate) == \
