@@ -6,6 +6,7 @@
   or failing it when ``MIXNET_REQUIRE_DATA=1`` (CI sets it: there, a skip would hide a broken test).
 - Heavy subprocess tests (torchrun, SIGKILL, whole validation runs) carry ``HEAVY``, one xdist group, so
   ``--dist loadgroup`` runs them one after another in one worker instead of side by side on 2 cores.
+- A worker that crashes fails the test it was running and the run goes on (tests/worker_crashes.py).
 - Tests that torch.compile run ``ALONE`` with a longer limit (``COMPILES_TIMEOUT``): cold compiles are slow.
 - Global torch state (deterministic algorithms, threads, RNGs: torch, numpy, random) is restored after
   every test.
@@ -27,6 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from colour_model import make_colour_model  # noqa: E402
+from worker_crashes import pytest_testnodedown, pytest_xdist_make_scheduler  # noqa: E402,F401 (hooks)
 from mixnet import save_pretrained  # noqa: E402
 from mixnet.deploy import runtimes  # noqa: E402
 from mixnet.deploy.runtimes import native_bf16  # noqa: E402

@@ -1,9 +1,13 @@
 """The test suite's own guards (tests/conftest.py): no internet, data required where CI says so, torch
-state restored."""
+state restored, a crashed xdist worker failing its test rather than hanging the run."""
 
 import os
 import random
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +64,47 @@ def test_torch_state_is_restored_after_a_test_changes_it():
     assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), entry[0])
     assert np.array_equal(np.random.get_state()[1], entry[1]) and random.getstate() == entry[2]
+
+
+# A group of four, a test that kills its worker between ungrouped ones, and one that kills its worker
+# inside the group: with pytest-xdist 3.8's own group scheduler this run waits forever.
+CRASHING_SUITE = """
+import os, signal, time, pytest
+
+def crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@pytest.mark.parametrize("i", range(12))
+def test_before(i):
+    time.sleep(0.05)
+
+@pytest.mark.xdist_group("heavy")
+@pytest.mark.parametrize("i", range(4))
+def test_grouped(i):
+    time.sleep(0.1)
+    if i == 2:
+        crash()
+
+def test_that_crashes():
+    crash()
+
+@pytest.mark.parametrize("i", range(12))
+def test_after(i):
+    time.sleep(0.05)
+"""
+
+
+def test_a_worker_that_crashes_fails_its_test_and_the_run_goes_on_to_the_end(tmp_path):
+    (tmp_path / "test_suite.py").write_text(textwrap.dedent(CRASHING_SUITE))
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not this project's settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
+    env["PYTHONPATH"] = str(Path(__file__).parent)  # where worker_crashes is
+    run = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "worker_crashes",
+                          "-p", "no:cacheprovider", "-q", "test_suite.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
+    out = run.stdout
+    assert run.returncode == 1, out[-3000:]
+    assert "2 failed, 27 passed" in out, out[-3000:]  # 29 tests, each run once: the crashed ones not again
+    for name in ("test_that_crashes", "test_grouped[2]"):
+        assert f"crashed while running 'test_suite.py::{name}" in out, out[-3000:]
+    assert out.count("ended with exit status -9; memory available now:") == 2, out[-3000:]
