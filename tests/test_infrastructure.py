@@ -6,7 +6,6 @@ import random
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,7 @@ def test_after(i):
 
 
 def test_a_worker_that_crashes_fails_its_test_and_the_run_goes_on_to_the_end(tmp_path):
-    (tmp_path / "test_suite.py").write_text(textwrap.dedent(CRASHING_SUITE))
+    (tmp_path / "test_suite.py").write_text(CRASHING_SUITE)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not this project's settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
     env["PYTHONPATH"] = str(Path(__file__).parent)  # where worker_crashes is

@@ -15,6 +15,8 @@ What goes wrong upstream (pytest-xdist issues 1323, 1327 and 1378; the fixes the
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,9 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """Say how a crashed worker ended (-9: SIGKILL, which is what the kernel's out-of-memory killer sends;
-    -11: a segmentation fault, with faulthandler's traceback above) and how much memory the machine had
-    left, so that a crash in CI can be told apart without reproducing it."""
+    -11: a segmentation fault, with faulthandler's traceback above), how much memory the machine has left,
+    and what the kernel logged of killed processes, so that a crash in CI can be told apart without
+    reproducing it."""
     if not error:
         return
     popen = getattr(getattr(node.gateway, "_io", None), "popen", None)  # execnet's worker process
@@ -75,7 +78,14 @@ def pytest_testnodedown(node, error):
         status = popen.wait(5)
     except Exception:  # noqa: BLE001 - a diagnostic must not hide the crash report itself
         status = "unknown"
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if ":" in line) if Path("/proc/meminfo").exists() else {}
-    available = meminfo.get("MemAvailable", "unknown").strip()
+    meminfo = Path("/proc/meminfo")
+    available = next((line.split(":", 1)[1].strip() for line in meminfo.read_text().splitlines()
+                      if line.startswith("MemAvailable:")), "unknown") if meminfo.exists() else "unknown"
     print(f"\n{node.gateway.id} ended with exit status {status}; memory available now: {available}", flush=True)
+    try:
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return
+    killed = [line for line in kernel if re.search(r"out of memory|oom-kill|killed process|segfault", line, re.I)]
+    for line in killed[-5:]:
+        print(f"kernel: {line}", flush=True)
