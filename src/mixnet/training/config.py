@@ -183,8 +183,8 @@ SHORT_RUN, LONG_RUN = 5, 30
 SHORT_RUN_SETTINGS = dict(lr_base=0.024, min_scale=0.6, sched_hold=0.5, opt_beta2=0.99)
 # The weight decay of runs under LONG_RUN epochs (those Muon trains): 3x the recipe's 0.05. Most weights sit
 # under batch norm, where decay raises the effective step late in a run; it ended ahead of 0.05 with each
-# of four seeds at 5 epochs and two at 20, and 6x (0.3) ended 0.4 point below it at 20 epochs, unable to
-# fit as well (docs/small-data.md). Not measured from 30 epochs on.
+# of four seeds at 5 epochs and two at 20, and 6x (0.3) ended 0.4-0.5 point below it at 20 epochs,
+# unable to fit as well (docs/small-data.md). Not measured from 30 epochs on.
 SHORT_RUN_WEIGHT_DECAY = 0.15
 
 
